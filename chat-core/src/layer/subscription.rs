@@ -1,0 +1,110 @@
+//! [`Subscription`]: the reading end of a channel, owned by one consumer.
+//!
+//! It is backend-neutral: a backend hands over any `Stream` of messages whose `Drop` releases the
+//! channel, and the subscription adds the name and the conveniences (`recv`, `try_recv`).
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::{FutureExt, Stream, StreamExt};
+
+/// Length of the random part of a name made by `new_channel`.
+pub(crate) const SUFFIX_LEN: usize = 16;
+
+/// The messages sent to one channel, in the order they were queued.
+///
+/// Dropping it removes the channel from the layer and from every group, so a consumer that goes
+/// away leaves nothing behind. The stream ends only when the layer itself is gone.
+pub struct Subscription {
+    name: String,
+    stream: Pin<Box<dyn Stream<Item = Bytes> + Send>>,
+}
+
+impl Subscription {
+    /// Wraps a backend's message stream. The stream's `Drop` must release the channel.
+    pub fn new(name: String, stream: impl Stream<Item = Bytes> + Send + 'static) -> Self {
+        Self {
+            name,
+            stream: Box::pin(stream),
+        }
+    }
+
+    /// The channel's name: give it to `send` or `group_add`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits for the next message; `None` once the layer is gone.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.stream.next().await
+    }
+
+    /// The next message if one is already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        self.stream.next().now_or_never().flatten()
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Bytes;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        self.stream.as_mut().poll_next(cx)
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes `{prefix}.{16 random letters and digits}`. The randomness comes from the standard
+/// library's per-process random hash keys mixed with a counter: unique within the process by the
+/// counter and, with overwhelming probability, across processes by the keys.
+pub(crate) fn unique_channel_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let state = RandomState::new();
+    let mut name = String::with_capacity(prefix.len() + 1 + SUFFIX_LEN);
+    name.push_str(prefix);
+    name.push('.');
+    let mut word = 0u64;
+    for i in 0..SUFFIX_LEN {
+        if i % 8 == 0 {
+            let mut hasher = state.build_hasher();
+            hasher.write_u64(n);
+            hasher.write_usize(i);
+            word = hasher.finish();
+        }
+        name.push(char::from(
+            ALPHABET[(word % ALPHABET.len() as u64) as usize],
+        ));
+        word /= ALPHABET.len() as u64;
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_are_unique_and_valid() {
+        let names: HashSet<String> = (0..10_000).map(|_| unique_channel_name("c")).collect();
+        assert_eq!(names.len(), 10_000);
+        for name in names.iter().take(100) {
+            assert!(super::super::validate_channel_name(name).is_ok(), "{name}");
+            assert_eq!(name.len(), 2 + SUFFIX_LEN);
+        }
+    }
+}
