@@ -2,12 +2,38 @@
 //!
 //! Rooms, presence, group broadcast and private messages, spoken over any stream of text frames;
 //! it knows nothing of a particular WebSocket library. Adapter crates move frames between a socket
-//! and this crate.
+//! and [`Chat::serve`](engine::Chat::serve).
 //!
 //! # Layout
 //!
 //! - [`layer`]: the [`ChannelLayer`](layer::ChannelLayer) trait, the transport between
 //!   connections in one process or many (channels, groups, capacity, expiry), its in-memory
 //!   backend, and (feature `testing`) the conformance suite every backend must pass.
+//! - [`protocol`]: the wire frames, decoded from hostile input and encoded once per message.
+//! - [`engine`]: the per-connection protocol state machine and [`Chat`](engine::Chat), the host
+//!   service's handle.
+//! - [`registry`]: rooms and presence with the multi-tab rule, behind a trait.
+//! - [`store`]: message history, read positions and the inbox, behind a trait.
+//! - [`auth`]: turning a handshake into a user name (development and JWT authenticators).
+//! - [`policy`]: the host's allow/refuse hook for joins, sends and direct messages.
+//! - [`config`]: every limit of the engine, in one struct.
+//! - [`names`]: the protocol's room and user naming rules.
+//!
+//! A frame's journey: the adapter hands an [`Inbound`](engine::Inbound) text frame to the engine,
+//! which decodes it ([`protocol`]), checks limits and the [`policy`], stores a message in the
+//! [`store`], encodes the outgoing frame once and `group_send`s it through the [`layer`] to the
+//! room's group; every member connection's subscription receives the same bytes and queues them
+//! as an [`Outbound`](engine::Outbound) frame for its adapter to write.
 
+pub mod auth;
+pub mod config;
+pub mod engine;
 pub mod layer;
+pub mod names;
+pub mod policy;
+pub mod protocol;
+pub mod registry;
+pub mod store;
+
+pub use config::ChatConfig;
+pub use engine::Chat;

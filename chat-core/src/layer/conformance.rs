@@ -273,6 +273,12 @@ where
     assert_eq!(report.delivered, 1);
     assert_eq!(report.dropped_full, 1);
     assert_eq!(layer.stats().group_send_dropped, 1);
+    assert_eq!(
+        stuck.missed(),
+        1,
+        "the skipped member can tell it missed a message"
+    );
+    assert_eq!(healthy.missed(), 0);
     assert_eq!(expect_message(&mut healthy).await, msg("new"));
     assert_eq!(expect_message(&mut stuck).await, msg("old1"));
     assert_eq!(expect_message(&mut stuck).await, msg("old2"));

@@ -95,6 +95,8 @@ struct Queue {
     capacity: usize,
     expiry: Duration,
     counters: Arc<Counters>,
+    /// Messages dropped because this queue was full; shared with the subscription.
+    missed: Arc<AtomicU64>,
     state: Mutex<QueueState>,
 }
 
@@ -125,6 +127,7 @@ impl Queue {
             }
             self.drop_expired(&mut state, now);
             if state.items.len() >= self.capacity {
+                self.missed.fetch_add(1, Ordering::Relaxed);
                 return Err(PushError::Full);
             }
             state.items.push_back((now, message));
@@ -291,6 +294,7 @@ impl ChannelLayer for InMemoryChannelLayer {
             capacity: config.capacity_for(&name),
             expiry: config.expiry,
             counters: Arc::clone(&self.shared.counters),
+            missed: Arc::default(),
             state: Mutex::default(),
         });
         registry.channels.insert(
@@ -301,11 +305,12 @@ impl ChannelLayer for InMemoryChannelLayer {
             },
         );
         drop(registry);
+        let missed = Arc::clone(&queue.missed);
         let receiver = Receiver {
             queue,
             shared: Arc::downgrade(&self.shared),
         };
-        Ok(Subscription::new(name, receiver))
+        Ok(Subscription::new(name, receiver, missed))
     }
 
     async fn send(&self, channel: &str, message: Bytes) -> Result<(), LayerError> {

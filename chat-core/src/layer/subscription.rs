@@ -8,6 +8,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -23,15 +24,29 @@ pub(crate) const SUFFIX_LEN: usize = 16;
 pub struct Subscription {
     name: String,
     stream: Pin<Box<dyn Stream<Item = Bytes> + Send>>,
+    missed: Arc<AtomicU64>,
 }
 
 impl Subscription {
-    /// Wraps a backend's message stream. The stream's `Drop` must release the channel.
-    pub fn new(name: String, stream: impl Stream<Item = Bytes> + Send + 'static) -> Self {
+    /// Wraps a backend's message stream. The stream's `Drop` must release the channel. The
+    /// backend adds one to `missed` for every message meant for this channel that it had to drop
+    /// because the channel was full.
+    pub fn new(
+        name: String,
+        stream: impl Stream<Item = Bytes> + Send + 'static,
+        missed: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             name,
             stream: Box::pin(stream),
+            missed,
         }
+    }
+
+    /// How many messages meant for this channel were dropped because it was full. A consumer that
+    /// must not miss anything (a chat connection) treats a non-zero count as "too slow".
+    pub fn missed(&self) -> u64 {
+        self.missed.load(Ordering::Relaxed)
     }
 
     /// The channel's name: give it to `send` or `group_add`.

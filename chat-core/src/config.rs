@@ -1,0 +1,69 @@
+//! [`ChatConfig`]: every limit and default of the engine in one place, documented field by field.
+
+use std::time::Duration;
+
+/// The engine's limits. `ChatConfig::default()` is a sane production starting point.
+///
+/// ```
+/// use chat_core::ChatConfig;
+/// let config = ChatConfig { max_body_chars: 1_000, ..ChatConfig::default() };
+/// assert_eq!(config.rate_per_second, 10.0);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatConfig {
+    /// Longest message body, in characters (Unicode scalar values); longer is `too_large`.
+    /// Default 4,096.
+    pub max_body_chars: usize,
+    /// Largest inbound frame, in bytes; a larger one closes the connection with 1009. Adapters
+    /// also apply it at the WebSocket layer. Default 64 KiB.
+    pub max_frame_bytes: usize,
+    /// Sustained inbound frames per second per connection (token bucket refill). Default 10.
+    pub rate_per_second: f64,
+    /// Inbound frames a connection may send in a burst (token bucket size). Default 30.
+    pub rate_burst: u32,
+    /// Consecutive rate-limited frames after which the connection is closed with 1008 as a
+    /// flood. Default 100.
+    pub flood_close_after: u32,
+    /// Outbound frames queued for one connection; a client that stops reading is closed with
+    /// 1008 when it fills, so a slow reader costs bounded memory. Default 256.
+    pub outbound_queue: usize,
+    /// Rooms one connection may be in at once; one more is `too_many_rooms`. Default 100.
+    pub max_rooms_per_connection: usize,
+    /// Messages in `joined.history` when the join does not resume. Default 50.
+    pub join_history: usize,
+    /// Most messages a resuming join (`since`) returns; beyond it `more` is true. Default 500.
+    pub resume_limit: usize,
+    /// `history` page size when the client gives no `limit`. Default 50.
+    pub history_default_limit: usize,
+    /// Largest `history` page; larger limits are cut to it. Default 100.
+    pub history_max_limit: usize,
+    /// How long a `ref` is remembered for de-duplication. Default 10 minutes.
+    pub dedup_window: Duration,
+    /// Most `ref`s remembered across all users; past it the oldest are forgotten early, so memory
+    /// stays bounded under any load. Default 100,000.
+    pub dedup_capacity: usize,
+    /// How often a connection refreshes its channel-layer group memberships, so that long-lived
+    /// connections outlast the layer's `group_expiry`. Default 1 hour.
+    pub membership_refresh: Duration,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            max_body_chars: 4_096,
+            max_frame_bytes: 64 * 1024,
+            rate_per_second: 10.0,
+            rate_burst: 30,
+            flood_close_after: 100,
+            outbound_queue: 256,
+            max_rooms_per_connection: 100,
+            join_history: 50,
+            resume_limit: 500,
+            history_default_limit: 50,
+            history_max_limit: 100,
+            dedup_window: Duration::from_secs(600),
+            dedup_capacity: 100_000,
+            membership_refresh: Duration::from_secs(3_600),
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! How the engine wraps an encoded frame for the channel layer, and the group names it uses.
+//!
+//! A layer message is a small header followed by the wire frame, exactly as the client will get
+//! it. The header tells the receiving connection what the frame is for (a room, the user, presence
+//! watchers, or a control order) and whom to skip (the sending user or the sending connection), so
+//! one `group_send` serves every recipient and each one only slices the frame out, zero-copy.
+//!
+//! Layout: `kind` (1 byte), message `id` (8 bytes, big-endian; 0 when none), then three
+//! length-prefixed (1 byte) strings: excluded user, excluded connection, room; then the frame.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Channel-layer group of connections watching presence.
+pub(crate) const PRESENCE_GROUP: &str = "presence";
+
+/// What a layer message is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A frame for a room's connections (checked against the connection's joined rooms).
+    Room,
+    /// A frame for all connections of a user.
+    User,
+    /// A presence event for watching connections.
+    Presence,
+    /// Close the receiving connection (the host disconnected the user).
+    Kick,
+}
+
+impl Kind {
+    fn byte(self) -> u8 {
+        match self {
+            Self::Room => b'R',
+            Self::User => b'U',
+            Self::Presence => b'P',
+            Self::Kick => b'K',
+        }
+    }
+
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            b'R' => Self::Room,
+            b'U' => Self::User,
+            b'P' => Self::Presence,
+            b'K' => Self::Kick,
+            _ => return None,
+        })
+    }
+}
+
+/// A layer message to build.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Envelope<'a> {
+    pub(crate) kind: Kind,
+    /// The message id, so a joining connection can drop live copies of what its history holds.
+    pub(crate) id: u64,
+    pub(crate) exclude_user: &'a str,
+    pub(crate) exclude_connection: &'a str,
+    pub(crate) room: &'a str,
+}
+
+impl<'a> Envelope<'a> {
+    pub(crate) fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            id: 0,
+            exclude_user: "",
+            exclude_connection: "",
+            room: "",
+        }
+    }
+
+    pub(crate) fn room(room: &'a str, id: u64) -> Self {
+        Self {
+            room,
+            id,
+            ..Self::new(Kind::Room)
+        }
+    }
+
+    pub(crate) fn excluding_user(self, user: &'a str) -> Self {
+        Self {
+            exclude_user: user,
+            ..self
+        }
+    }
+
+    pub(crate) fn excluding_connection(self, connection: &'a str) -> Self {
+        Self {
+            exclude_connection: connection,
+            ..self
+        }
+    }
+
+    /// Header and frame in one buffer: one copy of the frame per message, none per recipient.
+    pub(crate) fn wrap(&self, frame: &[u8]) -> Bytes {
+        let strings = [self.exclude_user, self.exclude_connection, self.room];
+        let header: usize = 9 + strings.iter().map(|s| 1 + s.len()).sum::<usize>();
+        let mut buf = BytesMut::with_capacity(header + frame.len());
+        buf.put_u8(self.kind.byte());
+        buf.put_u64(self.id);
+        for s in strings {
+            // Names are at most 100 bytes (validated before they get here); cut defensively.
+            let s = &s.as_bytes()[..s.len().min(255)];
+            buf.put_u8(s.len() as u8);
+            buf.put_slice(s);
+        }
+        buf.put_slice(frame);
+        buf.freeze()
+    }
+}
+
+/// A layer message as received.
+#[derive(Debug, Clone)]
+pub(crate) struct Received {
+    pub(crate) kind: Kind,
+    pub(crate) id: u64,
+    pub(crate) exclude_user: Bytes,
+    pub(crate) exclude_connection: Bytes,
+    pub(crate) room: Bytes,
+    /// The wire frame, a slice of the shared message.
+    pub(crate) frame: Bytes,
+}
+
+/// Reads a layer message; `None` when it is not one of ours (never panics on short input).
+pub(crate) fn unwrap(message: &Bytes) -> Option<Received> {
+    let kind = Kind::from_byte(*message.first()?)?;
+    let id = u64::from_be_bytes(message.get(1..9)?.try_into().ok()?);
+    let mut at = 9;
+    let mut field = || {
+        let len = usize::from(*message.get(at)?);
+        let start = at + 1;
+        let end = start + len;
+        if end > message.len() {
+            return None;
+        }
+        at = end;
+        Some(message.slice(start..end))
+    };
+    let exclude_user = field()?;
+    let exclude_connection = field()?;
+    let room = field()?;
+    Some(Received {
+        kind,
+        id,
+        exclude_user,
+        exclude_connection,
+        room,
+        frame: message.slice(at..),
+    })
+}
+
+/// The layer group of a room's connections.
+///
+/// Layer names must stay under 100 characters while room names may have 100, so long room names
+/// are shortened with a hash. Receivers check the room carried in the envelope, so even a hash
+/// collision could only cost a wasted delivery, never a message in the wrong room.
+pub(crate) fn room_group(room: &str) -> String {
+    if room.len() <= 90 {
+        return format!("r.{room}");
+    }
+    let (a, b) = fnv_pair(room.as_bytes());
+    let head: String = room.chars().take(60).collect();
+    format!("r.{head}.{a:016x}{b:016x}")
+}
+
+/// The layer group of all a user's connections (user names are at most 64 characters).
+pub(crate) fn user_group(user: &str) -> String {
+    format!("u.{user}")
+}
+
+/// Two FNV-1a hashes with different offsets: stable across processes and Rust versions, which the
+/// standard library's hasher does not promise, so every node names a room's group the same way.
+fn fnv_pair(data: &[u8]) -> (u64, u64) {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut a: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut b: u64 = 0x6c62_272e_07bb_0142;
+    for &byte in data {
+        a = (a ^ u64::from(byte)).wrapping_mul(PRIME);
+        b = (b ^ u64::from(byte.rotate_left(3))).wrapping_mul(PRIME);
+    }
+    (a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::layer::validate_group_name;
+
+    #[test]
+    fn round_trip_shares_the_frame() {
+        let message = Envelope::room("lobby", 42)
+            .excluding_user("alice")
+            .excluding_connection("conn.x")
+            .wrap(br#"{"type":"pong"}"#);
+        let got = unwrap(&message).unwrap();
+        assert_eq!(got.kind, Kind::Room);
+        assert_eq!(got.id, 42);
+        assert_eq!(&got.exclude_user[..], b"alice");
+        assert_eq!(&got.exclude_connection[..], b"conn.x");
+        assert_eq!(&got.room[..], b"lobby");
+        assert_eq!(&got.frame[..], br#"{"type":"pong"}"#);
+    }
+
+    #[test]
+    fn garbage_is_refused_not_a_panic() {
+        for bad in [
+            &b""[..],
+            b"R",
+            b"X00000000\0\0\0",
+            b"R\0\0\0\0\0\0\0\0\x05ab",
+        ] {
+            assert!(unwrap(&Bytes::copy_from_slice(bad)).is_none());
+        }
+    }
+
+    #[test]
+    fn group_names_are_valid_for_every_room_name() {
+        let longest = "a".repeat(100);
+        for room in [
+            "a",
+            "lobby.en-GB_2",
+            &"b".repeat(90),
+            &"c".repeat(91),
+            &longest,
+        ] {
+            validate_group_name(&room_group(room)).unwrap();
+        }
+        assert_ne!(
+            room_group(&longest),
+            room_group(&format!("{}b", "a".repeat(99)))
+        );
+        validate_group_name(&user_group(&"u".repeat(64))).unwrap();
+    }
+}

@@ -1,0 +1,594 @@
+//! The protocol engine and the host service's handle.
+//!
+//! [`Chat`] is the whole chat server minus the socket. An adapter authenticates the handshake with
+//! [`Chat::authenticate`], maps the request path with [`route`], then hands the socket's frames to
+//! [`Chat::serve`] as a `Stream` of [`Inbound`] and a `Sink` of [`Outbound`]; the engine does the
+//! rest and returns why the connection ended.
+//!
+//! The same cheap, clonable `Chat` is the host service's API: publish into a room or to a user as
+//! a named sender, list online users and room members, disconnect a user, shut down. All of it goes
+//! through the same channel layer, registry and store as client traffic, so it spans nodes when
+//! they do.
+//!
+//! # Example: embedding the engine with a custom authenticator
+//!
+//! ```
+//! use std::sync::Arc;
+//! use async_trait::async_trait;
+//! use chat_core::auth::{AuthError, Authenticator, Handshake};
+//! use chat_core::engine::{Chat, Inbound, Outbound, Session};
+//! use futures::{SinkExt, StreamExt};
+//!
+//! /// Trusts a header set by the host's own reverse proxy.
+//! struct ProxyHeader;
+//!
+//! #[async_trait]
+//! impl Authenticator for ProxyHeader {
+//!     async fn authenticate(&self, handshake: &Handshake) -> Result<String, AuthError> {
+//!         handshake
+//!             .headers
+//!             .iter()
+//!             .find(|(name, _)| name.eq_ignore_ascii_case("x-user"))
+//!             .map(|(_, value)| value.clone())
+//!             .ok_or(AuthError::Missing)
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let chat = Chat::builder().authenticator(Arc::new(ProxyHeader)).build();
+//!
+//! // What an adapter does for each upgrade request:
+//! let mut handshake = Handshake::default();
+//! handshake.path = "/ws/chat/lobby/".into();
+//! handshake.headers.push(("X-User".into(), "alice".into()));
+//! let user = chat.authenticate(&handshake).await.expect("401 otherwise");
+//! let room = chat_core::engine::route(&handshake.path).expect("404 otherwise");
+//!
+//! // In-memory "socket" for the example: the client's frames in, the server's frames out.
+//! let (client_tx, inbound) = futures::channel::mpsc::channel::<Inbound>(8);
+//! let (outbound, mut client_rx) = futures::channel::mpsc::channel::<Outbound>(64);
+//! let server = tokio::spawn({
+//!     let chat = chat.clone();
+//!     async move { chat.serve(Session::new(user, room), inbound, outbound).await }
+//! });
+//!
+//! // The host publishes as a bot; alice, auto-joined to the lobby, receives it.
+//! let mut frames = Vec::new();
+//! while frames.len() < 2 {
+//!     frames.push(client_rx.next().await.unwrap()); // welcome, joined
+//! }
+//! chat.publish("lobby", "bot", "hello from the host").await.unwrap();
+//! let Outbound::Text(frame) = client_rx.next().await.unwrap() else { panic!() };
+//! assert!(std::str::from_utf8(&frame).unwrap().contains("hello from the host"));
+//!
+//! drop(client_tx); // the client goes away
+//! server.await.unwrap();
+//! # }
+//! ```
+
+mod connection;
+mod dedup;
+mod envelope;
+mod rate;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::{Sink, Stream};
+use tokio::sync::watch;
+
+use crate::auth::{AuthError, Authenticator, Handshake};
+use crate::config::ChatConfig;
+use crate::layer::{ChannelLayer, InMemoryChannelLayer, LayerConfig, LayerError};
+use crate::names::{is_valid_room_name, is_valid_user_name};
+use crate::policy::{AllowAll, Policy};
+use crate::protocol::{ErrorCode, MessageView, PresenceStatus, ServerFrame};
+use crate::registry::{InMemoryRegistry, Registry, RegistryError};
+use crate::store::{
+    Conversation, HistoryStore, InMemoryHistoryStore, NewMessage, StoreError, StoredMessage,
+};
+
+use dedup::Dedup;
+use envelope::{room_group, user_group, Envelope, Kind, PRESENCE_GROUP};
+
+/// A frame from the client, as the adapter received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A text frame (the engine checks it is UTF-8 JSON).
+    Text(Bytes),
+    /// A binary frame: answered with `bad_frame`.
+    Binary(Bytes),
+}
+
+/// What the engine asks the adapter to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// A text frame; always valid UTF-8. The same `Bytes` goes to every recipient of a message,
+    /// so an adapter should hand it to its WebSocket library without copying where it can.
+    Text(Bytes),
+    /// Close the WebSocket with this code and reason; nothing follows.
+    Close {
+        /// The WebSocket close code.
+        code: u16,
+        /// For people.
+        reason: &'static str,
+    },
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed the connection or the socket ended.
+    ClientClosed,
+    /// The client sent a frame over `max_frame_bytes` (close 1009).
+    FrameTooLarge,
+    /// The client did not read what it was sent and its outbound queue filled (close 1008).
+    SlowConsumer,
+    /// The client kept sending far past the rate limit (close 1008).
+    Flood,
+    /// The host disconnected the user (close 4001).
+    Disconnected,
+    /// The server is shutting down (close 1001).
+    Shutdown,
+    /// A backend failed while setting the connection up (close 1011).
+    Unavailable,
+    /// Writing to the socket failed.
+    TransportError,
+}
+
+impl CloseReason {
+    /// The close frame the server sends for this reason, if it sends one.
+    pub fn close_frame(self) -> Option<(u16, &'static str)> {
+        match self {
+            Self::ClientClosed | Self::TransportError => None,
+            Self::FrameTooLarge => Some((1009, "frame too large")),
+            Self::SlowConsumer => Some((1008, "too slow to read")),
+            Self::Flood => Some((1008, "flooding")),
+            Self::Disconnected => Some((4001, "disconnected by the server")),
+            Self::Shutdown => Some((1001, "server shutting down")),
+            Self::Unavailable => Some((1011, "backend unavailable")),
+        }
+    }
+}
+
+/// Where a WebSocket request path leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/ws`: no room yet.
+    Lobby,
+    /// `/ws/chat/{room}/`: join `room` at once.
+    Room(String),
+}
+
+/// Maps a request path to its [`Route`]; `None` means "not a chat endpoint" (answer 404).
+///
+/// The room is returned as written; an invalid name is answered by the engine with an
+/// `invalid_name` error frame after `welcome`.
+///
+/// ```
+/// use chat_core::engine::{route, Route};
+/// assert_eq!(route("/ws"), Some(Route::Lobby));
+/// assert_eq!(route("/ws/chat/lobby/"), Some(Route::Room("lobby".into())));
+/// assert_eq!(route("/ws/chat/lobby"), Some(Route::Room("lobby".into())));
+/// assert_eq!(route("/elsewhere"), None);
+/// ```
+pub fn route(path: &str) -> Option<Route> {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    if path == "/ws" {
+        return Some(Route::Lobby);
+    }
+    let room = path.strip_prefix("/ws/chat/")?;
+    (!room.is_empty() && !room.contains('/')).then(|| Route::Room(room.to_owned()))
+}
+
+/// Who a connection is and where it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The authenticated user.
+    pub user: String,
+    /// The room to join at once (from `/ws/chat/{room}/`).
+    pub room: Option<String>,
+}
+
+impl Session {
+    /// A session for `user` starting at `route`.
+    pub fn new(user: impl Into<String>, route: Route) -> Self {
+        Self {
+            user: user.into(),
+            room: match route {
+                Route::Lobby => None,
+                Route::Room(room) => Some(room),
+            },
+        }
+    }
+}
+
+/// A host API call that could not be carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChatError {
+    /// A room or user name outside the naming rules.
+    #[error("invalid name {0:?}")]
+    InvalidName(String),
+    /// The recipient of a direct message is its sender.
+    #[error("a user cannot message themselves")]
+    InvalidTarget,
+    /// An empty body.
+    #[error("empty body")]
+    EmptyBody,
+    /// A body over `max_body_chars`.
+    #[error("body longer than {0} characters")]
+    BodyTooLarge(usize),
+    /// The history store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The channel layer failed.
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+impl ChatError {
+    /// The protocol error code a client sees for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidName(_) => ErrorCode::InvalidName,
+            Self::InvalidTarget => ErrorCode::InvalidTarget,
+            Self::EmptyBody => ErrorCode::BadFrame,
+            Self::BodyTooLarge(_) => ErrorCode::TooLarge,
+            Self::Store(_) | Self::Layer(_) | Self::Registry(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// Refuses every handshake: the default until the host picks an authenticator, so that a
+/// forgotten setting fails closed.
+struct NoAuthenticator;
+
+#[async_trait::async_trait]
+impl Authenticator for NoAuthenticator {
+    async fn authenticate(&self, _: &Handshake) -> Result<String, AuthError> {
+        Err(AuthError::Invalid("no authenticator configured".into()))
+    }
+}
+
+/// Builds a [`Chat`]; every part defaults to its in-memory version, except authentication, which
+/// refuses everyone until set.
+pub struct ChatBuilder {
+    layer: Option<Arc<dyn ChannelLayer>>,
+    registry: Arc<dyn Registry>,
+    store: Arc<dyn HistoryStore>,
+    policy: Arc<dyn Policy>,
+    authenticator: Arc<dyn Authenticator>,
+    config: ChatConfig,
+}
+
+impl Default for ChatBuilder {
+    fn default() -> Self {
+        Self {
+            layer: None,
+            registry: Arc::new(InMemoryRegistry::default()),
+            store: Arc::new(InMemoryHistoryStore::default()),
+            policy: Arc::new(AllowAll),
+            authenticator: Arc::new(NoAuthenticator),
+            config: ChatConfig::default(),
+        }
+    }
+}
+
+impl fmt::Debug for ChatBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChatBuilder {
+    /// The channel layer connections talk through.
+    ///
+    /// The engine names each connection's channel `conn.*`; give those channels a capacity of at
+    /// least [`ChatConfig::outbound_queue`] (`LayerConfig::with_channel_capacity("conn.*", n)`),
+    /// or a burst larger than the layer's capacity will cut connections off as too slow. The
+    /// default in-memory layer is set up so.
+    pub fn layer(mut self, layer: Arc<dyn ChannelLayer>) -> Self {
+        self.layer = Some(layer);
+        self
+    }
+
+    /// The room and presence registry.
+    pub fn registry(mut self, registry: Arc<dyn Registry>) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// The history store.
+    pub fn store(mut self, store: Arc<dyn HistoryStore>) -> Self {
+        self.store = store;
+        self
+    }
+
+    /// The host's permission policy.
+    pub fn policy(mut self, policy: Arc<dyn Policy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How handshakes are authenticated.
+    pub fn authenticator(mut self, authenticator: Arc<dyn Authenticator>) -> Self {
+        self.authenticator = authenticator;
+        self
+    }
+
+    /// The engine's limits.
+    pub fn config(mut self, config: ChatConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The chat server.
+    pub fn build(self) -> Chat {
+        let (shutdown, _) = watch::channel(false);
+        let layer = self.layer.unwrap_or_else(|| {
+            let capacity = self.config.outbound_queue;
+            let config = LayerConfig::default().with_channel_capacity("conn.*", capacity);
+            Arc::new(InMemoryChannelLayer::new(config))
+        });
+        Chat {
+            inner: Arc::new(Inner {
+                dedup: Dedup::new(self.config.dedup_window, self.config.dedup_capacity),
+                layer,
+                registry: self.registry,
+                store: self.store,
+                policy: self.policy,
+                authenticator: self.authenticator,
+                config: self.config,
+                shutdown,
+            }),
+        }
+    }
+}
+
+/// The chat server and the host's handle to it. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Chat {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Chat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Chat")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) layer: Arc<dyn ChannelLayer>,
+    pub(crate) registry: Arc<dyn Registry>,
+    pub(crate) store: Arc<dyn HistoryStore>,
+    pub(crate) policy: Arc<dyn Policy>,
+    authenticator: Arc<dyn Authenticator>,
+    pub(crate) config: ChatConfig,
+    pub(crate) dedup: Dedup,
+    pub(crate) shutdown: watch::Sender<bool>,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn room_view(room: &str, message: StoredMessage) -> MessageView {
+    MessageView {
+        kind: "message",
+        room: Some(room.to_owned()),
+        id: message.id,
+        from: message.from,
+        to: None,
+        body: message.body,
+        ts: message.ts,
+    }
+}
+
+pub(crate) fn direct_view(message: StoredMessage) -> MessageView {
+    MessageView {
+        kind: "direct",
+        room: None,
+        id: message.id,
+        from: message.from,
+        to: message.to,
+        body: message.body,
+        ts: message.ts,
+    }
+}
+
+impl Inner {
+    /// Checks a body against the protocol's rules.
+    pub(crate) fn check_body(&self, body: &str) -> Result<(), ChatError> {
+        if body.is_empty() {
+            return Err(ChatError::EmptyBody);
+        }
+        // Count characters only when the byte length could exceed the limit.
+        let max = self.config.max_body_chars;
+        if body.len() > max && body.chars().count() > max {
+            return Err(ChatError::BodyTooLarge(max));
+        }
+        Ok(())
+    }
+
+    /// Stores a room message, then fans it out to the room: encoded once for every recipient.
+    pub(crate) async fn publish_room(
+        &self,
+        room: &str,
+        from: &str,
+        body: &str,
+    ) -> Result<StoredMessage, ChatError> {
+        let message = NewMessage {
+            from,
+            to: None,
+            body,
+            ts: now_ms(),
+        };
+        let stored = self
+            .store
+            .append(&Conversation::room(room), message)
+            .await?;
+        let frame = room_view(room, stored.clone()).encode();
+        let envelope = Envelope::room(room, stored.id).wrap(&frame);
+        self.layer.group_send(&room_group(room), envelope).await?;
+        Ok(stored)
+    }
+
+    /// Stores a direct message, then delivers it to every connection of `to` and of `from`
+    /// (except `from_connection`, the one that sent it).
+    pub(crate) async fn publish_direct(
+        &self,
+        from: &str,
+        to: &str,
+        body: &str,
+        from_connection: &str,
+    ) -> Result<StoredMessage, ChatError> {
+        let message = NewMessage {
+            from,
+            to: Some(to),
+            body,
+            ts: now_ms(),
+        };
+        let stored = self
+            .store
+            .append(&Conversation::direct(from, to), message)
+            .await?;
+        let frame = direct_view(stored.clone()).encode();
+        let to_them = Envelope::new(Kind::User).wrap(&frame);
+        self.layer.group_send(&user_group(to), to_them).await?;
+        let to_my_tabs = Envelope::new(Kind::User)
+            .excluding_connection(from_connection)
+            .wrap(&frame);
+        self.layer.group_send(&user_group(from), to_my_tabs).await?;
+        Ok(stored)
+    }
+
+    pub(crate) async fn announce_presence(&self, user: &str, status: PresenceStatus) {
+        let frame = ServerFrame::Presence {
+            user: user.to_owned(),
+            status,
+        }
+        .encode();
+        let envelope = Envelope::new(Kind::Presence).wrap(&frame);
+        if let Err(error) = self.layer.group_send(PRESENCE_GROUP, envelope).await {
+            tracing::warn!(%error, user, "presence event not delivered");
+        }
+    }
+}
+
+fn check_room(room: &str) -> Result<(), ChatError> {
+    if is_valid_room_name(room) {
+        Ok(())
+    } else {
+        Err(ChatError::InvalidName(room.to_owned()))
+    }
+}
+
+fn check_user(user: &str) -> Result<(), ChatError> {
+    if is_valid_user_name(user) {
+        Ok(())
+    } else {
+        Err(ChatError::InvalidName(user.to_owned()))
+    }
+}
+
+impl Chat {
+    /// A builder with in-memory defaults.
+    pub fn builder() -> ChatBuilder {
+        ChatBuilder::default()
+    }
+
+    /// The engine's limits.
+    pub fn config(&self) -> &ChatConfig {
+        &self.inner.config
+    }
+
+    /// The user a handshake proves, or why not (the adapter answers 401).
+    pub async fn authenticate(&self, handshake: &Handshake) -> Result<String, AuthError> {
+        self.inner.authenticator.authenticate(handshake).await
+    }
+
+    /// Speaks the protocol with one client until the connection ends, and says why it ended.
+    ///
+    /// `inbound` is the client's frames (its end means the client left); `outbound` is where the
+    /// engine writes frames and, for a server-side close, a final [`Outbound::Close`]. The
+    /// returned future is `Send`; spawn it per connection.
+    pub async fn serve<I, O>(&self, session: Session, inbound: I, outbound: O) -> CloseReason
+    where
+        I: Stream<Item = Inbound> + Send + Unpin,
+        O: Sink<Outbound> + Send + Unpin,
+    {
+        connection::serve(Arc::clone(&self.inner), session, inbound, outbound).await
+    }
+
+    /// Posts `body` to `room` as `from` (a bot, a system notice): stored, then delivered to every
+    /// connection in the room like any message.
+    pub async fn publish(
+        &self,
+        room: &str,
+        from: &str,
+        body: &str,
+    ) -> Result<StoredMessage, ChatError> {
+        check_room(room)?;
+        check_user(from)?;
+        self.inner.check_body(body)?;
+        self.inner.publish_room(room, from, body).await
+    }
+
+    /// Sends `body` privately from `from` to `to`: stored, then delivered to every connection of
+    /// both users.
+    pub async fn send_direct(
+        &self,
+        from: &str,
+        to: &str,
+        body: &str,
+    ) -> Result<StoredMessage, ChatError> {
+        check_user(from)?;
+        check_user(to)?;
+        if from == to {
+            return Err(ChatError::InvalidTarget);
+        }
+        self.inner.check_body(body)?;
+        self.inner.publish_direct(from, to, body, "").await
+    }
+
+    /// Every user with at least one live connection, sorted.
+    pub async fn online_users(&self) -> Result<Vec<String>, ChatError> {
+        Ok(self.inner.registry.online().await?)
+    }
+
+    /// The users in `room`, sorted.
+    pub async fn room_members(&self, room: &str) -> Result<Vec<String>, ChatError> {
+        check_room(room)?;
+        Ok(self.inner.registry.members(room).await?)
+    }
+
+    /// Closes every connection of `user` (close code 4001), on every node.
+    pub async fn disconnect_user(&self, user: &str) -> Result<(), ChatError> {
+        check_user(user)?;
+        let envelope = Envelope::new(Kind::Kick).wrap(b"");
+        self.inner
+            .layer
+            .group_send(&user_group(user), envelope)
+            .await?;
+        Ok(())
+    }
+
+    /// Closes every connection this process serves with 1001; `serve` calls then return
+    /// [`CloseReason::Shutdown`]. New calls to `serve` close at once.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+}

@@ -1,0 +1,177 @@
+//! A test client that drives the engine through in-memory channels instead of a socket.
+
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chat_core::engine::{Chat, CloseReason, Inbound, Outbound, Route, Session};
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+/// How long a test waits for a frame that must come.
+pub const ARRIVAL: Duration = Duration::from_secs(5);
+/// How long a test watches for a frame that must not come.
+pub const QUIET: Duration = Duration::from_millis(200);
+
+pub struct Client {
+    pub user: String,
+    tx: mpsc::Sender<Inbound>,
+    rx: mpsc::Receiver<Outbound>,
+    pub task: JoinHandle<CloseReason>,
+}
+
+impl Client {
+    /// Connects to the lobby and takes the `welcome` frame.
+    pub async fn connect(chat: &Chat, user: &str) -> Self {
+        Self::connect_to(chat, user, Route::Lobby).await
+    }
+
+    /// Connects at `route` and takes the `welcome` frame.
+    pub async fn connect_to(chat: &Chat, user: &str, route: Route) -> Self {
+        let mut client = Self::connect_raw(chat, user, route, 1024).await;
+        let welcome = client.recv().await;
+        assert_eq!(welcome, json!({"type": "welcome", "user": user}));
+        client
+    }
+
+    /// Connects without reading anything; `socket_buffer` is how many frames the fake socket
+    /// holds before the engine's writes block.
+    pub async fn connect_raw(chat: &Chat, user: &str, route: Route, socket_buffer: usize) -> Self {
+        let (tx, inbound) = mpsc::channel(1024);
+        let (outbound, rx) = mpsc::channel(socket_buffer);
+        let chat = chat.clone();
+        let session = Session::new(user, route);
+        let task = tokio::spawn(async move { chat.serve(session, inbound, outbound).await });
+        Self {
+            user: user.to_owned(),
+            tx,
+            rx,
+            task,
+        }
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_inbound(Inbound::Text(Bytes::copy_from_slice(text.as_bytes())))
+            .await;
+    }
+
+    pub async fn send_inbound(&mut self, inbound: Inbound) {
+        self.tx.send(inbound).await.unwrap();
+    }
+
+    /// The next frame, which must be a text frame of JSON.
+    pub async fn recv(&mut self) -> Value {
+        match self.next().await {
+            Outbound::Text(text) => serde_json::from_slice(&text).unwrap(),
+            Outbound::Close { code, reason } => {
+                panic!(
+                    "{}: closed with {code} {reason}, expected a frame",
+                    self.user
+                )
+            }
+        }
+    }
+
+    /// The next frame, which must have this `type`.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        let frame = self.recv().await;
+        assert_eq!(frame["type"], kind, "{}: got {frame}", self.user);
+        frame
+    }
+
+    /// The next frame, which must be an `error` with this code.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let frame = self.recv_type("error").await;
+        assert_eq!(frame["code"], code, "{}: got {frame}", self.user);
+        assert!(frame["message"].as_str().is_some_and(|m| !m.is_empty()));
+        frame
+    }
+
+    pub async fn next(&mut self) -> Outbound {
+        match tokio::time::timeout(ARRIVAL, self.rx.next()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => panic!("{}: connection ended", self.user),
+            Err(_) => panic!("{}: no frame within {ARRIVAL:?}", self.user),
+        }
+    }
+
+    /// Nothing arrives for a while.
+    pub async fn expect_silence(&mut self) {
+        if let Ok(Some(frame)) = tokio::time::timeout(QUIET, self.rx.next()).await {
+            let shown = match &frame {
+                Outbound::Text(text) => String::from_utf8_lossy(text).into_owned(),
+                other => format!("{other:?}"),
+            };
+            panic!("{}: expected silence, got {shown}", self.user);
+        }
+    }
+
+    /// Skips frames until the close frame, and returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            if let Outbound::Close { code, .. } = self.next().await {
+                return code;
+            }
+        }
+    }
+
+    /// Joins `room` and returns the `joined` frame.
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.send(json!({"type": "join", "room": room})).await;
+        self.recv_type("joined").await
+    }
+
+    /// Posts to `room`, returns the acked id, and consumes the echo of the message.
+    pub async fn say(&mut self, room: &str, body: &str) -> u64 {
+        self.send(json!({"type": "send", "room": room, "body": body}))
+            .await;
+        let (echo, ack) = self.echo_and_ack().await;
+        assert_eq!(echo["body"], body);
+        ack["id"].as_u64().unwrap()
+    }
+
+    /// The echo of the client's own room message and its `ack`, which travel different paths
+    /// (the room's fan-out, the connection's reply) and may arrive in either order.
+    pub async fn echo_and_ack(&mut self) -> (Value, Value) {
+        let first = self.recv().await;
+        let second = self.recv().await;
+        let (echo, ack) = if first["type"] == "ack" {
+            (second, first)
+        } else {
+            (first, second)
+        };
+        assert_eq!(echo["type"], "message", "{}: got {echo}", self.user);
+        assert_eq!(ack["type"], "ack", "{}: got {ack}", self.user);
+        assert_eq!(ack["id"], echo["id"]);
+        (echo, ack)
+    }
+
+    /// A round trip, proving every earlier frame of this client has been handled.
+    pub async fn sync(&mut self) {
+        self.send(json!({"type": "ping"})).await;
+        self.recv_type("pong").await;
+    }
+
+    /// The client goes away, and the server finishes with it.
+    pub async fn disconnect(self) -> CloseReason {
+        let Self { tx, rx, task, .. } = self;
+        drop(tx);
+        drop(rx);
+        tokio::time::timeout(ARRIVAL, task).await.unwrap().unwrap()
+    }
+}
+
+pub fn chat() -> Chat {
+    Chat::builder().build()
+}
+
+pub fn chat_with(config: chat_core::ChatConfig) -> Chat {
+    Chat::builder().config(config).build()
+}
