@@ -783,6 +783,63 @@ async fn a_flood_is_rate_limited_then_closed() {
 }
 
 #[tokio::test]
+async fn binary_frames_count_against_the_rate_limit_too() {
+    let config = ChatConfig {
+        rate_per_second: 1.0,
+        rate_burst: 2,
+        flood_close_after: 5,
+        ..ChatConfig::default()
+    };
+    let chat = chat_with(config);
+    let mut alice = Client::connect(&chat, "alice").await;
+    for _ in 0..10 {
+        alice
+            .send_inbound(Inbound::Binary(Bytes::from_static(b"\x01")))
+            .await;
+    }
+    alice.expect_error("bad_frame").await;
+    alice.expect_error("bad_frame").await;
+    for _ in 0..4 {
+        alice.expect_error("rate_limited").await;
+    }
+    assert_eq!(alice.expect_close().await, 1008);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_lived_connections_outlast_the_layers_group_expiry() {
+    use chat_core::layer::{InMemoryChannelLayer, LayerConfig};
+    use std::time::Duration;
+    let layer = InMemoryChannelLayer::new(
+        LayerConfig::default()
+            .with_channel_capacity("conn.*", 256)
+            .with_group_expiry(Duration::from_secs(600)),
+    );
+    let config = ChatConfig {
+        membership_refresh: Duration::from_secs(240),
+        ..ChatConfig::default()
+    };
+    let chat = Chat::builder()
+        .layer(Arc::new(layer))
+        .config(config)
+        .build();
+    let mut alice = Client::connect(&chat, "alice").await;
+    alice.join("lobby").await;
+    alice.send(json!({"type": "who", "watch": true})).await;
+    alice.recv_type("online").await;
+    // Two whole group_expiry periods later, with refreshes in between.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(240)).await;
+        alice.sync().await;
+    }
+    chat.publish("lobby", "bot", "still here?").await.unwrap();
+    assert_eq!(alice.recv_type("message").await["body"], "still here?");
+    chat.send_direct("bot", "alice", "and here?").await.unwrap();
+    assert_eq!(alice.recv_type("direct").await["body"], "and here?");
+    let _bob = Client::connect(&chat, "bob").await;
+    assert_eq!(alice.recv_type("presence").await["user"], "bob");
+}
+
+#[tokio::test]
 async fn an_oversized_frame_closes_with_1009() {
     let chat = chat_with(ChatConfig {
         max_frame_bytes: 1_000,

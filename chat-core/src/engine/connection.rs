@@ -28,8 +28,8 @@ use super::{direct_view, room_view, ChatError, CloseReason, Inbound, Inner, Outb
 use crate::layer::Subscription;
 use crate::names::{is_valid_room_name, is_valid_user_name};
 use crate::protocol::{
-    decode_with_ref, ClientFrame, ErrorCode, InboxItem, MemberEvent, PresenceStatus, ServerFrame,
-    Target,
+    decode_with_ref, ClientFrame, ErrorCode, FrameError, InboxItem, MemberEvent, PresenceStatus,
+    ServerFrame, Target,
 };
 use crate::store::Conversation;
 
@@ -49,6 +49,8 @@ enum RoomState {
 /// pushes, never across an await.
 struct Shared {
     rooms: HashMap<String, RoomState>,
+    /// Whether the connection asked for presence events (`who` with `watch: true`).
+    watching: bool,
 }
 
 /// A refusal to report to the client as an `error` frame.
@@ -114,6 +116,7 @@ where
         user,
         shared: Arc::new(Mutex::new(Shared {
             rooms: HashMap::new(),
+            watching: false,
         })),
         out,
     };
@@ -382,23 +385,24 @@ impl Connection {
                     continue;
                 }
             };
-            let text = match frame {
+            let (text, binary) = match frame {
                 None => return Ok(CloseReason::ClientClosed),
-                Some(Inbound::Text(text)) => text,
-                Some(Inbound::Binary(data)) => {
-                    if data.len() > config.max_frame_bytes {
-                        return Ok(CloseReason::FrameTooLarge);
-                    }
-                    let refusal =
-                        Refused::new(ErrorCode::BadFrame, "binary frames are not supported");
-                    self.respond(None, Ok(Err(refusal)))?;
-                    continue;
-                }
+                Some(Inbound::Text(text)) => (text, false),
+                Some(Inbound::Binary(data)) => (data, true),
             };
             if text.len() > config.max_frame_bytes {
                 return Ok(CloseReason::FrameTooLarge);
             }
-            let frame = decode_with_ref(&text);
+            // Every frame costs a token, binary ones too, so no kind of frame floods for free.
+            let frame = if binary {
+                Err(FrameError {
+                    code: ErrorCode::BadFrame,
+                    message: "binary frames are not supported".into(),
+                    reference: None,
+                })
+            } else {
+                decode_with_ref(&text)
+            };
             if !bucket.take() {
                 strikes += 1;
                 if strikes >= config.flood_close_after {
@@ -793,6 +797,9 @@ impl Connection {
         if let Err(error) = watched {
             return Ok(Err(unavailable(error)));
         }
+        if let Some(watch) = watch {
+            lock(&self.shared).watching = watch;
+        }
         match self.inner.registry.online().await {
             Ok(users) => self.push(ServerFrame::Online { users }.encode()).map(Ok),
             Err(error) => Ok(Err(unavailable(error))),
@@ -801,16 +808,21 @@ impl Connection {
 
     /// Re-adds every group membership so that a long-lived connection outlasts `group_expiry`.
     async fn refresh_memberships(&self) {
-        let rooms: Vec<String> = lock(&self.shared).rooms.keys().cloned().collect();
-        let layer = &self.inner.layer;
-        let mut groups: Vec<String> = rooms.iter().map(|room| room_group(room)).collect();
+        let mut groups: Vec<String> = {
+            let shared = lock(&self.shared);
+            let mut groups: Vec<String> =
+                shared.rooms.keys().map(|room| room_group(room)).collect();
+            if shared.watching {
+                groups.push(PRESENCE_GROUP.to_owned());
+            }
+            groups
+        };
         groups.push(user_group(&self.user));
         for group in groups {
-            if let Err(error) = layer.group_add(&group, &self.channel).await {
+            if let Err(error) = self.inner.layer.group_add(&group, &self.channel).await {
                 tracing::warn!(%error, group, "membership refresh failed");
             }
         }
-        // Presence watching is refreshed only if still on; re-adding would turn it on.
     }
 
     async fn forward_loop(
