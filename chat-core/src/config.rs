@@ -45,6 +45,11 @@ pub struct ChatConfig {
     /// How often a connection refreshes its channel-layer group memberships, so that long-lived
     /// connections outlast the layer's `group_expiry`. Default 1 hour.
     pub membership_refresh: Duration,
+    /// How often the server pings each connection. Default 30 s.
+    pub ping_interval: Duration,
+    /// A connection from which nothing (no frame, no pong) arrived for this long is closed as
+    /// dead, so half-open sockets do not stay "online". Default 75 s.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ChatConfig {
@@ -64,6 +69,8 @@ impl Default for ChatConfig {
             dedup_window: Duration::from_secs(600),
             dedup_capacity: 100_000,
             membership_refresh: Duration::from_secs(3_600),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
         }
     }
 }

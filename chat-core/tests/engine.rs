@@ -816,6 +816,7 @@ async fn long_lived_connections_outlast_the_layers_group_expiry() {
     );
     let config = ChatConfig {
         membership_refresh: Duration::from_secs(240),
+        idle_timeout: Duration::from_secs(100_000),
         ..ChatConfig::default()
     };
     let chat = Chat::builder()
@@ -839,6 +840,30 @@ async fn long_lived_connections_outlast_the_layers_group_expiry() {
     assert_eq!(alice.recv_type("presence").await["user"], "bob");
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_server_pings_and_closes_a_silent_peer() {
+    use chat_core::engine::Outbound;
+    use std::time::Duration;
+    // Shorter than the harness's 5 s arrival timeout, which the paused clock also advances.
+    let config = ChatConfig {
+        ping_interval: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(5),
+        ..ChatConfig::default()
+    };
+    let chat = chat_with(config);
+    let mut alive = Client::connect(&chat, "alive").await;
+    let mut silent = Client::connect(&chat, "silent").await;
+    for _ in 0..4 {
+        assert_eq!(alive.next().await, Outbound::Ping);
+        alive.send_inbound(Inbound::Pong).await;
+    }
+    // 8 s in: the peer that answers is still there; the one that never did is gone.
+    alive.sync().await;
+    assert_eq!(silent.next().await, Outbound::Ping);
+    assert_eq!(silent.expect_close().await, 1001);
+    assert_eq!(silent.task.await.unwrap(), CloseReason::PeerTimeout);
+}
+
 #[tokio::test]
 async fn an_oversized_frame_closes_with_1009() {
     let chat = chat_with(ChatConfig {
@@ -854,6 +879,11 @@ async fn an_oversized_frame_closes_with_1009() {
         .await;
     assert_eq!(alice.expect_close().await, 1009);
     assert_eq!(alice.task.await.unwrap(), CloseReason::FrameTooLarge);
+
+    // The same when the WebSocket layer caught it first.
+    let mut bob = Client::connect(&chat, "bob").await;
+    bob.send_inbound(Inbound::TooLarge).await;
+    assert_eq!(bob.expect_close().await, 1009);
 }
 
 #[tokio::test]

@@ -146,7 +146,7 @@ where
         tokio::select! {
             reason = start => either(reason),
             reason = connection.forward_loop(subscription) => either(reason),
-            reason = write_loop(&mut queue, &mut outbound) => reason,
+            reason = write_loop(&mut queue, &mut outbound, inner.config.ping_interval) => reason,
         }
     };
     // The subscription is dropped by now, so the layer has already forgotten the channel.
@@ -193,9 +193,19 @@ async fn close<O: Sink<Outbound> + Unpin>(outbound: &mut O, reason: CloseReason)
 async fn write_loop<O: Sink<Outbound> + Unpin>(
     queue: &mut mpsc::Receiver<Bytes>,
     outbound: &mut O,
+    ping_interval: std::time::Duration,
 ) -> CloseReason {
-    while let Some(frame) = queue.recv().await {
-        if outbound.feed(Outbound::Text(frame)).await.is_err() {
+    let start = tokio::time::Instant::now() + ping_interval;
+    let mut ping = tokio::time::interval_at(start, ping_interval);
+    loop {
+        let frame = tokio::select! {
+            frame = queue.recv() => match frame {
+                Some(frame) => Outbound::Text(frame),
+                None => return CloseReason::TransportError,
+            },
+            _ = ping.tick() => Outbound::Ping,
+        };
+        if outbound.feed(frame).await.is_err() {
             return CloseReason::TransportError;
         }
         // Flush once per burst rather than once per frame.
@@ -203,7 +213,6 @@ async fn write_loop<O: Sink<Outbound> + Unpin>(
             return CloseReason::TransportError;
         }
     }
-    CloseReason::TransportError
 }
 
 /// What cleanup needs, detached from the connection so that a `Drop` can run it.
@@ -373,6 +382,13 @@ impl Connection {
             tokio::time::Instant::now() + config.membership_refresh,
             config.membership_refresh,
         );
+        let mut last_heard = tokio::time::Instant::now();
+        let idle_check = config
+            .idle_timeout
+            .min(config.ping_interval)
+            .max(std::time::Duration::from_millis(10));
+        let mut idle =
+            tokio::time::interval_at(tokio::time::Instant::now() + idle_check, idle_check);
         loop {
             if *shutdown.borrow_and_update() {
                 return Ok(CloseReason::Shutdown);
@@ -384,11 +400,20 @@ impl Connection {
                     self.refresh_memberships().await;
                     continue;
                 }
+                _ = idle.tick() => {
+                    if last_heard.elapsed() >= config.idle_timeout {
+                        return Ok(CloseReason::PeerTimeout);
+                    }
+                    continue;
+                }
             };
+            last_heard = tokio::time::Instant::now();
             let (text, binary) = match frame {
                 None => return Ok(CloseReason::ClientClosed),
                 Some(Inbound::Text(text)) => (text, false),
                 Some(Inbound::Binary(data)) => (data, true),
+                Some(Inbound::Pong) => continue,
+                Some(Inbound::TooLarge) => return Ok(CloseReason::FrameTooLarge),
             };
             if text.len() > config.max_frame_bytes {
                 return Ok(CloseReason::FrameTooLarge);

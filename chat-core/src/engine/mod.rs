@@ -101,6 +101,10 @@ pub enum Inbound {
     Text(Bytes),
     /// A binary frame: answered with `bad_frame`.
     Binary(Bytes),
+    /// A WebSocket pong (or ping): proof the peer is alive, no reply needed from the engine.
+    Pong,
+    /// The WebSocket layer refused a frame over its size limit: the engine closes with 1009.
+    TooLarge,
 }
 
 /// What the engine asks the adapter to send.
@@ -109,6 +113,8 @@ pub enum Outbound {
     /// A text frame; always valid UTF-8. The same `Bytes` goes to every recipient of a message,
     /// so an adapter should hand it to its WebSocket library without copying where it can.
     Text(Bytes),
+    /// A WebSocket ping, every `ping_interval`; the peer's pong comes back as [`Inbound::Pong`].
+    Ping,
     /// Close the WebSocket with this code and reason; nothing follows.
     Close {
         /// The WebSocket close code.
@@ -135,6 +141,8 @@ pub enum CloseReason {
     Shutdown,
     /// A backend failed while setting the connection up (close 1011).
     Unavailable,
+    /// Nothing came from the peer, not even a pong, for `idle_timeout` (close 1001).
+    PeerTimeout,
     /// Writing to the socket failed.
     TransportError,
 }
@@ -150,6 +158,7 @@ impl CloseReason {
             Self::Disconnected => Some((4001, "disconnected by the server")),
             Self::Shutdown => Some((1001, "server shutting down")),
             Self::Unavailable => Some((1011, "backend unavailable")),
+            Self::PeerTimeout => Some((1001, "no response to ping")),
         }
     }
 }

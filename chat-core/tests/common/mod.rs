@@ -66,15 +66,18 @@ impl Client {
         self.tx.send(inbound).await.unwrap();
     }
 
-    /// The next frame, which must be a text frame of JSON.
+    /// The next frame, which must be a text frame of JSON (WebSocket pings are skipped).
     pub async fn recv(&mut self) -> Value {
-        match self.next().await {
-            Outbound::Text(text) => serde_json::from_slice(&text).unwrap(),
-            Outbound::Close { code, reason } => {
-                panic!(
-                    "{}: closed with {code} {reason}, expected a frame",
-                    self.user
-                )
+        loop {
+            match self.next().await {
+                Outbound::Text(text) => return serde_json::from_slice(&text).unwrap(),
+                Outbound::Ping => {}
+                Outbound::Close { code, reason } => {
+                    panic!(
+                        "{}: closed with {code} {reason}, expected a frame",
+                        self.user
+                    )
+                }
             }
         }
     }
@@ -102,9 +105,17 @@ impl Client {
         }
     }
 
-    /// Nothing arrives for a while.
+    /// Nothing but pings arrives for a while.
     pub async fn expect_silence(&mut self) {
-        if let Ok(Some(frame)) = tokio::time::timeout(QUIET, self.rx.next()).await {
+        let quiet = async {
+            loop {
+                match self.rx.next().await {
+                    Some(Outbound::Ping) => {}
+                    other => return other,
+                }
+            }
+        };
+        if let Ok(Some(frame)) = tokio::time::timeout(QUIET, quiet).await {
             let shown = match &frame {
                 Outbound::Text(text) => String::from_utf8_lossy(text).into_owned(),
                 other => format!("{other:?}"),

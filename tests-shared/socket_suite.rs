@@ -1,0 +1,381 @@
+//! The protocol suite over real sockets, written once and run against every adapter.
+//!
+//! An adapter's test file includes this file and calls [`socket_suite!`] with an async function
+//! `start(chat: Chat) -> SocketAddr` that serves `chat` on a fresh loopback port. Every check then
+//! talks to that port with a real tokio-tungstenite client, exactly as a browser would.
+
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_core::auth::DevAuthenticator;
+use chat_core::{Chat, ChatConfig};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const ARRIVAL: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(200);
+
+pub fn dev_chat(config: ChatConfig) -> Chat {
+    Chat::builder()
+        .authenticator(Arc::new(DevAuthenticator))
+        .config(config)
+        .build()
+}
+
+pub struct Socket {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// Opens `path` (which carries its own query) on the server.
+pub async fn open(addr: SocketAddr, path: &str) -> Result<Socket, WsError> {
+    let url = format!("ws://{addr}{path}");
+    let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+    Ok(Socket { ws })
+}
+
+/// Opens `/ws` as `user` (development authentication) and takes the welcome frame.
+pub async fn connect(addr: SocketAddr, user: &str) -> Socket {
+    let mut socket = open(addr, &format!("/ws?user={user}")).await.unwrap();
+    assert_eq!(
+        socket.recv().await,
+        json!({"type": "welcome", "user": user})
+    );
+    socket
+}
+
+/// The HTTP status a refused handshake got.
+pub async fn refused_status(addr: SocketAddr, path: &str) -> u16 {
+    match open(addr, path).await {
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("{path} was accepted"),
+    }
+}
+
+impl Socket {
+    pub async fn send(&mut self, frame: Value) {
+        self.ws
+            .send(Message::text(frame.to_string()))
+            .await
+            .unwrap();
+    }
+
+    /// The next text frame as JSON (pings and pongs skipped).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(ARRIVAL, self.ws.next())
+                .await
+                .expect("no frame in time")
+                .expect("socket ended")
+                .expect("socket error");
+            match message {
+                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        let frame = self.recv().await;
+        assert_eq!(frame["type"], kind, "got {frame}");
+        frame
+    }
+
+    pub async fn expect_error(&mut self, code: &str) {
+        let frame = self.recv_type("error").await;
+        assert_eq!(frame["code"], code, "got {frame}");
+    }
+
+    pub async fn expect_silence(&mut self) {
+        if let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(QUIET, self.ws.next()).await
+        {
+            panic!("expected silence, got {text}");
+        }
+    }
+
+    /// Reads until the server's close frame and returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            let message = tokio::time::timeout(ARRIVAL, self.ws.next())
+                .await
+                .expect("no close in time");
+            match message {
+                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(Message::Close(None))) => return u16::from(CloseCode::Status),
+                Some(Ok(_)) => {}
+                Some(Err(error)) => panic!("socket error before the close frame: {error}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.send(json!({"type": "join", "room": room})).await;
+        self.recv_type("joined").await
+    }
+
+    /// The echo and the ack of one's own room message, in either order.
+    pub async fn echo_and_ack(&mut self) -> (Value, Value) {
+        let first = self.recv().await;
+        let second = self.recv().await;
+        let (echo, ack) = if first["type"] == "ack" {
+            (second, first)
+        } else {
+            (first, second)
+        };
+        assert_eq!(
+            (echo["type"].as_str(), ack["type"].as_str()),
+            (Some("message"), Some("ack"))
+        );
+        assert_eq!(echo["id"], ack["id"]);
+        (echo, ack)
+    }
+}
+
+pub async fn rooms_messages_and_membership(addr: SocketAddr) {
+    let mut alice = connect(addr, "alice").await;
+    let mut bob = connect(addr, "bob").await;
+    let joined = alice.join("lobby").await;
+    assert_eq!(joined["members"], json!(["alice"]));
+    let joined = bob.join("lobby").await;
+    assert_eq!(joined["members"], json!(["alice", "bob"]));
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "member", "room": "lobby", "user": "bob", "event": "join"})
+    );
+
+    alice
+        .send(json!({"type": "send", "room": "lobby", "body": "hello", "ref": "r1"}))
+        .await;
+    let (echo, ack) = alice.echo_and_ack().await;
+    assert_eq!(ack["ref"], "r1");
+    assert_eq!(bob.recv().await, echo);
+
+    bob.send(json!({"type": "typing", "room": "lobby"})).await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "typing", "room": "lobby", "from": "bob"})
+    );
+    bob.send(json!({"type": "read", "room": "lobby", "id": echo["id"]}))
+        .await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "read", "room": "lobby", "user": "bob", "id": echo["id"]})
+    );
+
+    bob.send(json!({"type": "history", "room": "lobby"})).await;
+    let history = bob.recv_type("history").await;
+    assert_eq!(history["messages"][0]["body"], "hello");
+
+    bob.send(json!({"type": "leave", "room": "lobby"})).await;
+    assert_eq!(bob.recv().await, json!({"type": "left", "room": "lobby"}));
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "member", "room": "lobby", "user": "bob", "event": "leave"})
+    );
+
+    bob.send(json!({"type": "ping"})).await;
+    assert_eq!(bob.recv().await, json!({"type": "pong"}));
+}
+
+pub async fn the_room_route_joins_at_once(addr: SocketAddr) {
+    let mut carol = open(addr, "/ws/chat/kitchen/?user=carol").await.unwrap();
+    carol.recv_type("welcome").await;
+    let joined = carol.recv_type("joined").await;
+    assert_eq!(joined["room"], "kitchen");
+}
+
+pub async fn direct_messages_are_private(addr: SocketAddr) {
+    let mut alice = connect(addr, "dm-alice").await;
+    let mut bob = connect(addr, "dm-bob").await;
+    let mut eve = connect(addr, "dm-eve").await;
+    for socket in [&mut alice, &mut bob, &mut eve] {
+        socket.join("dm-room").await;
+    }
+    alice.recv_type("member").await;
+    alice.recv_type("member").await;
+    bob.recv_type("member").await;
+
+    alice
+        .send(json!({"type": "direct", "to": "dm-bob", "body": "secret", "ref": "d"}))
+        .await;
+    let ack = alice.recv_type("ack").await;
+    let frame = bob.recv_type("direct").await;
+    assert_eq!(
+        (frame["from"].as_str(), frame["body"].as_str(), &frame["id"]),
+        (Some("dm-alice"), Some("secret"), &ack["id"])
+    );
+    eve.expect_silence().await;
+    eve.send(json!({"type": "history", "with": "dm-bob"})).await;
+    assert_eq!(eve.recv_type("history").await["messages"], json!([]));
+
+    bob.send(json!({"type": "inbox"})).await;
+    let inbox = bob.recv_type("inbox").await;
+    assert_eq!(inbox["conversations"][0]["with"], "dm-alice");
+    assert_eq!(inbox["conversations"][0]["unread"], 1);
+}
+
+pub async fn presence_edges(addr: SocketAddr) {
+    let mut watcher = connect(addr, "p-watcher").await;
+    watcher.send(json!({"type": "who", "watch": true})).await;
+    assert_eq!(
+        watcher.recv_type("online").await["users"],
+        json!(["p-watcher"])
+    );
+    let tab1 = connect(addr, "p-alice").await;
+    assert_eq!(
+        watcher.recv().await,
+        json!({"type": "presence", "user": "p-alice", "status": "online"})
+    );
+    let mut tab2 = connect(addr, "p-alice").await;
+    watcher.expect_silence().await;
+    drop(tab1);
+    watcher.expect_silence().await;
+    tab2.ws.close(None).await.unwrap();
+    assert_eq!(
+        watcher.recv().await,
+        json!({"type": "presence", "user": "p-alice", "status": "offline"})
+    );
+}
+
+pub async fn bad_frames_are_answered_and_the_socket_stays_open(addr: SocketAddr) {
+    let mut alice = connect(addr, "bad-alice").await;
+    alice.ws.send(Message::text("not json")).await.unwrap();
+    alice.expect_error("bad_frame").await;
+    alice
+        .ws
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
+    alice.expect_error("bad_frame").await;
+    alice.send(json!({"type": "teleport"})).await;
+    alice.expect_error("unknown_type").await;
+    alice
+        .send(json!({"type": "join", "room": "no spaces"}))
+        .await;
+    alice.expect_error("invalid_name").await;
+    alice
+        .send(json!({"type": "send", "room": "nowhere", "body": "x"}))
+        .await;
+    alice.expect_error("not_member").await;
+    alice.join("big").await;
+    alice
+        .send(json!({"type": "send", "room": "big", "body": "x".repeat(4_097)}))
+        .await;
+    alice.expect_error("too_large").await;
+    alice
+        .send(json!({"type": "direct", "to": "bad-alice", "body": "me"}))
+        .await;
+    alice.expect_error("invalid_target").await;
+    alice.send(json!({"type": "ping"})).await;
+    alice.recv_type("pong").await;
+}
+
+pub async fn bad_credentials_get_401_and_unknown_paths_404(addr: SocketAddr) {
+    assert_eq!(refused_status(addr, "/ws").await, 401);
+    assert_eq!(refused_status(addr, "/ws?user=has%20space").await, 401);
+    assert_eq!(refused_status(addr, "/ws/chat/lobby/?user=").await, 401);
+    assert_eq!(refused_status(addr, "/nowhere?user=alice").await, 404);
+}
+
+pub async fn an_oversized_frame_closes_with_1009(addr: SocketAddr) {
+    // Over the engine's limit (the suite's servers use 8 KiB) and over the WebSocket layer's.
+    for size in [8 * 1024 + 10, 64 * 1024] {
+        let mut alice = connect(addr, "big-alice").await;
+        let frame = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(size));
+        // The server may close while the frame is still being written.
+        let _ = alice.ws.send(Message::text(frame)).await;
+        assert_eq!(alice.expect_close().await, 1009, "frame of {size} bytes");
+    }
+}
+
+pub const JWT_SECRET: &[u8] = b"socket suite secret";
+
+pub fn jwt_chat() -> Chat {
+    let auth = chat_core::auth::JwtAuthenticator::new(JWT_SECRET);
+    Chat::builder()
+        .authenticator(Arc::new(auth))
+        .config(suite_config())
+        .build()
+}
+
+pub async fn jwt_handshakes(addr: SocketAddr) {
+    use chat_core::auth::JwtAuthenticator;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let auth = JwtAuthenticator::new(JWT_SECRET);
+    let token = auth.issue("jwt-alice", Duration::from_secs(60)).unwrap();
+
+    let mut by_query = open(addr, &format!("/ws?token={token}")).await.unwrap();
+    assert_eq!(
+        by_query.recv().await,
+        json!({"type": "welcome", "user": "jwt-alice"})
+    );
+
+    let mut request = format!("ws://{addr}/ws/chat/jwt-room/")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut by_header = Socket { ws };
+    by_header.recv_type("welcome").await;
+    assert_eq!(by_header.recv_type("joined").await["room"], "jwt-room");
+
+    let forged = JwtAuthenticator::new(b"not the secret")
+        .issue("jwt-alice", Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(
+        refused_status(addr, &format!("/ws?token={forged}")).await,
+        401
+    );
+    assert_eq!(refused_status(addr, "/ws?token=garbage").await, 401);
+    assert_eq!(
+        refused_status(addr, "/ws?user=jwt-alice").await,
+        401,
+        "dev sign-in must not work in jwt mode"
+    );
+    assert_eq!(refused_status(addr, "/ws").await, 401);
+}
+
+/// The config every suite server runs with.
+pub fn suite_config() -> ChatConfig {
+    ChatConfig {
+        max_frame_bytes: 8 * 1024,
+        ..ChatConfig::default()
+    }
+}
+
+/// Expands to one `#[tokio::test]` per check, each on a fresh server from `$start`.
+#[macro_export]
+macro_rules! socket_suite {
+    ($start:path) => {
+        $crate::socket_suite!(@each $start;
+            rooms_messages_and_membership, the_room_route_joins_at_once, direct_messages_are_private,
+            presence_edges, bad_frames_are_answered_and_the_socket_stays_open,
+            bad_credentials_get_401_and_unknown_paths_404, an_oversized_frame_closes_with_1009);
+    };
+    (@each $start:path; $($check:ident),* $(,)?) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn jwt_handshakes() {
+            let addr = $start(socket_suite::jwt_chat()).await;
+            socket_suite::jwt_handshakes(addr).await;
+        }
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let chat = socket_suite::dev_chat(socket_suite::suite_config());
+                let addr = $start(chat).await;
+                socket_suite::$check(addr).await;
+            }
+        )*
+    };
+}
