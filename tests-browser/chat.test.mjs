@@ -8,7 +8,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { createServer } from 'node:net';
+import { createServer, connect as tcpConnect } from 'node:net';
 import { copyFileSync, mkdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
@@ -70,12 +70,37 @@ after(async () => {
   server?.kill('SIGTERM');
 });
 
-async function signIn(name, viewport = { width: 1100, height: 720 }) {
+// A TCP proxy in front of the server, so a test can cut a browser's connections for real (as a
+// network drop would) and keep it cut for a while.
+async function startProxy(targetPort) {
+  const sockets = new Set();
+  let cut = false;
+  const proxy = createServer((client) => {
+    if (cut) return client.destroy();
+    const upstream = tcpConnect(targetPort, '127.0.0.1');
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('close', () => sockets.delete(s));
+      s.on('error', () => {});
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+  return {
+    base: `http://127.0.0.1:${proxy.address().port}`,
+    cut() { cut = true; for (const s of sockets) s.destroy(); },
+    restore() { cut = false; },
+    close() { this.cut(); proxy.close(); },
+  };
+}
+
+async function signIn(name, viewport = { width: 1100, height: 720 }, via = base) {
   const context = await browser.newContext({ viewport });
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
   page.on('pageerror', (error) => { throw new Error(`${name}'s page: ${error.message}`); });
-  await page.goto(`${base}/`);
+  await page.goto(`${via}/`);
   await page.fill('#signin-name', name);
   await page.click('#signin-submit');
   await page.waitForSelector('#conn-state[data-state="online"]');
@@ -153,7 +178,8 @@ test('a room message reaches everyone, a private one only its target, presence f
 });
 
 test('the page works at phone width and reconnects after the socket drops', async () => {
-  const dana = await signIn('dana', { width: 360, height: 740 });
+  const proxy = await startProxy(Number(new URL(base).port));
+  const dana = await signIn('dana', { width: 360, height: 740 }, proxy.base);
   await joinRoom(dana, 'phones');
   await say(dana, 'from a small screen');
   await message(dana, 'from a small screen').waitFor();
@@ -164,14 +190,16 @@ test('the page works at phone width and reconnects after the socket drops', asyn
   // Cut the network: the page notices, comes back on its own, and misses nothing sent meanwhile.
   const eve = await signIn('eve');
   await joinRoom(eve, 'phones');
-  await dana.context.setOffline(true);
-  await dana.page.evaluate(() => window.dispatchEvent(new Event('offline')));
+  proxy.cut();
+  await dana.page.waitForSelector('#conn-state[data-state="reconnecting"]');
   await say(eve, 'sent while dana was away');
   await message(eve, 'sent while dana was away').waitFor();
-  await dana.context.setOffline(false);
+  assert.equal(await message(dana, 'sent while dana was away').count(), 0, 'the drop was not real');
+  proxy.restore();
   await dana.page.waitForSelector('#conn-state[data-state="online"]', { timeout: 30_000 });
   await message(dana, 'sent while dana was away').waitFor({ timeout: 30_000 });
   assert.equal(await message(dana, 'from a small screen').count(), 1, 'a message was duplicated');
   await dana.context.close();
   await eve.context.close();
+  proxy.close();
 });

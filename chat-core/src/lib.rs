@@ -10,7 +10,7 @@
 //!   connections in one process or many (channels, groups, capacity, expiry), its in-memory
 //!   backend, and (feature `testing`) the conformance suite every backend must pass.
 //! - [`protocol`]: the wire frames, decoded from hostile input and encoded once per message.
-//! - [`engine`]: the per-connection protocol state machine and [`Chat`](engine::Chat), the host
+//! - [`engine`]: the per-connection protocol state machine and [`Chat`], the host
 //!   service's handle.
 //! - [`registry`]: rooms and presence with the multi-tab rule, behind a trait.
 //! - [`store`]: message history, read positions and the inbox, behind a trait.
