@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createServer, connect as tcpConnect } from 'node:net';
 import { copyFileSync, mkdirSync } from 'node:fs';
+import { createHmac } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
@@ -202,4 +203,58 @@ test('the page works at phone width and reconnects after the socket drops', asyn
   await dana.context.close();
   await eve.context.close();
   proxy.close();
+});
+
+function hs256(claims, secret) {
+  const part = (object) => Buffer.from(JSON.stringify(object)).toString('base64url');
+  const unsigned = `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}`;
+  return `${unsigned}.${createHmac('sha256', secret).update(unsigned).digest('base64url')}`;
+}
+
+test('jwt sign-in, refusal, and a graceful shutdown on SIGTERM', async () => {
+  const port = await freePort();
+  const url = `http://127.0.0.1:${port}`;
+  const secret = 'browser test secret';
+  let log = '';
+  const jwtServer = spawn(SERVER, ['--addr', `127.0.0.1:${port}`, '--auth', 'jwt'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, CHAT_JWT_SECRET: secret },
+  });
+  jwtServer.stdout.on('data', (d) => { log += d; });
+  jwtServer.stderr.on('data', (d) => { log += d; });
+  try {
+    await waitForHttp(`${url}/config.json`);
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    page.setDefaultTimeout(TIMEOUT);
+
+    // A forged token is refused and the page goes back to sign-in.
+    await page.goto(`${url}/`);
+    const exp = Math.floor(Date.now() / 1000) + 600;
+    await page.fill('#signin-token', hs256({ sub: 'mallory', exp }, 'wrong secret'));
+    await page.click('#signin-submit');
+    await page.waitForSelector('#conn-state[data-state="refused"]');
+    await page.waitForSelector('#signin-token', { state: 'visible' });
+
+    // A good one gets in.
+    await page.fill('#signin-token', hs256({ sub: 'frank', exp }, secret));
+    await page.click('#signin-submit');
+    await page.waitForSelector('#conn-state[data-state="online"]');
+    await page.waitForSelector('#whoami:has-text("frank")');
+
+    // SIGTERM: the socket is closed by the server (the page starts reconnecting) and the process
+    // exits cleanly within a few seconds.
+    const exited = new Promise((resolve) => jwtServer.once('exit', (code, signal) => resolve({ code, signal })));
+    const started = Date.now();
+    jwtServer.kill('SIGTERM');
+    await page.waitForSelector('#conn-state[data-state="reconnecting"]');
+    const { code } = await exited;
+    assert.equal(code, 0, `exit code after SIGTERM\n${log}`);
+    assert.ok(Date.now() - started < 5_000, 'took too long to shut down');
+    assert.match(log, /shutdown signal received/);
+    assert.match(log, /user="?frank"?.*reason=Shutdown/, 'the socket was not closed by the engine (1001)');
+    await context.close();
+  } finally {
+    jwtServer.kill('SIGKILL');
+  }
 });
