@@ -9,25 +9,11 @@
 
 mod common;
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    common::init_logging();
-    let cli = common::Cli::parse();
-    let chat = match cli.build() {
-        Ok(chat) => chat,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let listener = match tokio::net::TcpListener::bind(cli.addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!("error: cannot listen on {}: {error}", cli.addr);
-            return std::process::ExitCode::FAILURE;
-        }
+    let (cli, chat, listener) = match common::start().await {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let addr = listener.local_addr().map_or(cli.addr, |a| a);
     tracing::info!("chat server listening: ws://{addr}/ws");

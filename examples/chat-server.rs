@@ -12,7 +12,6 @@
 
 mod common;
 
-use clap::Parser;
 use warp::Filter;
 
 const INDEX: &str = include_str!("static/index.html");
@@ -21,21 +20,9 @@ const STYLE_CSS: &str = include_str!("static/style.css");
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    common::init_logging();
-    let cli = common::Cli::parse();
-    let chat = match cli.build() {
-        Ok(chat) => chat,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let listener = match tokio::net::TcpListener::bind(cli.addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!("error: cannot listen on {}: {error}", cli.addr);
-            return std::process::ExitCode::FAILURE;
-        }
+    let (cli, chat, listener) = match common::start().await {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let config = serde_json::json!({ "auth": cli.auth_name() }).to_string();
     let page = warp::path::end().map(|| warp::reply::html(INDEX));

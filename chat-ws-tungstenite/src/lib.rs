@@ -28,7 +28,7 @@
 //! # }
 //! ```
 
-use std::future::{ready, Future};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -38,7 +38,6 @@ use bytes::Bytes;
 use chat_core::auth::Handshake;
 use chat_core::engine::{route, Inbound, Outbound, Session};
 use chat_core::Chat;
-use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -123,21 +122,8 @@ async fn connection(mut stream: TcpStream, chat: Chat) -> io::Result<()> {
     let socket = tokio_tungstenite::accept_async_with_config(replayed, Some(config))
         .await
         .map_err(io::Error::other)?;
-    tracing::info!(user, ?route, "connection opened");
-    let (sink, source) = socket.split();
-    let inbound = source
-        .map(inbound)
-        .take_while(|frame| ready(frame.is_some()))
-        .filter_map(ready);
-    let outbound = sink.with(|frame| ready(Ok::<_, WsError>(outbound(frame))));
-    let reason = chat
-        .serve(
-            Session::new(user.as_str(), route),
-            Box::pin(inbound),
-            Box::pin(outbound),
-        )
+    chat.serve_socket(Session::new(user, route), socket, inbound, outbound)
         .await;
-    tracing::info!(user, ?reason, "connection closed");
     Ok(())
 }
 

@@ -25,13 +25,10 @@
 //! # }
 //! ```
 
-use std::future::ready;
-
 use bytes::Bytes;
 use chat_core::auth::Handshake;
 use chat_core::engine::{route, Inbound, Outbound, Route, Session};
 use chat_core::Chat;
-use futures::{SinkExt, StreamExt};
 use warp::filters::path::FullPath;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::{Reply, Response};
@@ -91,21 +88,8 @@ async fn upgrade(
 }
 
 async fn serve(chat: Chat, user: String, route: Route, socket: WebSocket) {
-    tracing::info!(user, ?route, "connection opened");
-    let (sink, stream) = socket.split();
-    let inbound = stream
-        .map(inbound)
-        .take_while(|frame| ready(frame.is_some()))
-        .filter_map(ready);
-    let outbound = sink.with(|frame| ready(Ok::<_, warp::Error>(outbound(frame))));
-    let reason = chat
-        .serve(
-            Session::new(user.as_str(), route),
-            Box::pin(inbound),
-            Box::pin(outbound),
-        )
+    chat.serve_socket(Session::new(user, route), socket, inbound, outbound)
         .await;
-    tracing::info!(user, ?reason, "connection closed");
 }
 
 /// One socket message as the engine sees it; `None` ends the stream (close, or a broken socket).

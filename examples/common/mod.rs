@@ -98,8 +98,25 @@ impl Cli {
     }
 }
 
+/// What both servers do first: logging, flags, the chat server, the listener. On failure it says
+/// why on stderr and gives the exit code to return.
+pub(crate) async fn start() -> Result<(Cli, Chat, tokio::net::TcpListener), std::process::ExitCode>
+{
+    init_logging();
+    let cli = Cli::parse();
+    let fail = |message: String| {
+        eprintln!("error: {message}");
+        std::process::ExitCode::FAILURE
+    };
+    let chat = cli.build().map_err(fail)?;
+    let listener = tokio::net::TcpListener::bind(cli.addr)
+        .await
+        .map_err(|error| fail(format!("cannot listen on {}: {error}", cli.addr)))?;
+    Ok((cli, chat, listener))
+}
+
 /// Structured logs to stderr; the level comes from `RUST_LOG` (default `info`).
-pub(crate) fn init_logging() {
+fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal; piped logs stay plain text for log collectors.

@@ -101,6 +101,7 @@ where
     O: Sink<Outbound> + Send + Unpin,
 {
     let Session { user, room } = session;
+    tracing::info!(user, ?room, "connection opened");
     let subscription = match setup(&inner, &user).await {
         Ok(subscription) => subscription,
         Err(error) => {
@@ -151,7 +152,7 @@ where
     };
     // The subscription is dropped by now, so the layer has already forgotten the channel.
     guard.finish().await;
-    tracing::debug!(user = connection.user, ?reason, "connection closed");
+    tracing::info!(user = connection.user, ?reason, "connection closed");
     if !matches!(
         reason,
         CloseReason::SlowConsumer | CloseReason::TransportError

@@ -542,6 +542,34 @@ impl Chat {
         connection::serve(Arc::clone(&self.inner), session, inbound, outbound).await
     }
 
+    /// [`serve`](Self::serve) for a WebSocket library's socket: one value that is both the stream
+    /// of the library's messages and the sink for them, plus the two conversions between the
+    /// library's message type and the engine's frames. `inbound` returns `None` to end the
+    /// connection (a close frame, a broken socket). This is all an adapter needs after the
+    /// handshake.
+    pub async fn serve_socket<S, M, E>(
+        &self,
+        session: Session,
+        socket: S,
+        inbound: fn(Result<M, E>) -> Option<Inbound>,
+        outbound: fn(Outbound) -> M,
+    ) -> CloseReason
+    where
+        S: Stream<Item = Result<M, E>> + Sink<M, Error = E> + Send,
+        M: Send,
+        E: Send,
+    {
+        use futures::{SinkExt, StreamExt};
+        let (sink, stream) = socket.split();
+        let frames = stream
+            .map(inbound)
+            .take_while(|frame| std::future::ready(frame.is_some()))
+            .filter_map(std::future::ready);
+        let writes = sink.with(move |frame| std::future::ready(Ok::<_, E>(outbound(frame))));
+        self.serve(session, Box::pin(frames), Box::pin(writes))
+            .await
+    }
+
     /// Posts `body` to `room` as `from` (a bot, a system notice): stored, then delivered to every
     /// connection in the room like any message.
     pub async fn publish(
