@@ -1129,3 +1129,36 @@ async fn an_aborted_connection_still_goes_offline() {
     );
     assert!(chat.room_members("lobby").await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_never_leaves_the_user_looking_offline() {
+    // A reload closes the old connection while the new one opens. Whatever the interleaving,
+    // the last presence event watchers get must match the truth: online.
+    let chat = chat();
+    let mut watcher = Client::connect(&chat, "watcher").await;
+    watcher.send(json!({"type": "who", "watch": true})).await;
+    watcher.recv_type("online").await;
+    let mut tab = Client::connect(&chat, "alice").await;
+    watcher.recv_type("presence").await;
+    for round in 0..200 {
+        let chat2 = chat.clone();
+        let opening = tokio::spawn(async move { Client::connect(&chat2, "alice").await });
+        tab.disconnect().await;
+        tab = opening.await.unwrap();
+        tab.sync().await;
+        // Drain what the watcher got this round; the last word must be "online".
+        let mut last = None;
+        while let Ok(Some(frame)) =
+            tokio::time::timeout(std::time::Duration::from_millis(20), watcher.try_recv()).await
+        {
+            last = Some(frame);
+        }
+        if let Some(frame) = last {
+            assert_eq!(
+                frame["status"], "online",
+                "round {round}: watchers think alice is offline"
+            );
+        }
+    }
+    assert_eq!(chat.online_users().await.unwrap(), ["alice", "watcher"]);
+}

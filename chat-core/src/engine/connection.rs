@@ -227,6 +227,7 @@ struct CleanupHandle {
 impl CleanupHandle {
     /// Leaves every room and goes offline, firing `member` and `presence` events on the edges.
     async fn run(self) {
+        let _edges = self.inner.user_lock(&self.user).lock().await;
         let rooms: Vec<String> = lock(&self.shared)
             .rooms
             .drain()
@@ -327,6 +328,7 @@ impl Connection {
     }
 
     async fn registry_connect(&self) -> Result<(), ChatError> {
+        let _edges = self.inner.user_lock(&self.user).lock().await;
         if self
             .inner
             .registry
@@ -558,6 +560,7 @@ impl Connection {
             .layer
             .group_add(&room_group(room), &self.channel)
             .await?;
+        let _edges = inner.user_lock(&self.user).lock().await;
         if inner.registry.join(room, &self.user, &self.channel).await? {
             let frame = ServerFrame::Member {
                 room: room.to_owned(),
@@ -589,6 +592,7 @@ impl Connection {
             {
                 tracing::warn!(%error, room, "group_discard failed");
             }
+            let _edges = self.inner.user_lock(&self.user).lock().await;
             leave_registry(&self.inner, room, &self.user, &self.channel).await;
         }
     }

@@ -357,6 +357,9 @@ impl ChatBuilder {
                 authenticator: self.authenticator,
                 config: self.config,
                 shutdown,
+                user_locks: (0..USER_LOCK_STRIPES)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
             }),
         }
     }
@@ -385,6 +388,11 @@ pub(crate) struct Inner {
     pub(crate) config: ChatConfig,
     pub(crate) dedup: Dedup,
     pub(crate) shutdown: watch::Sender<bool>,
+    /// Striped per-user locks that keep each user's edge changes (a registry update and the
+    /// `presence`/`member` event it triggers) in order: without them a reload's "offline" could
+    /// be announced after the new connection's "online". Held across those awaits on purpose;
+    /// striped so unrelated users rarely wait on each other.
+    user_locks: Box<[tokio::sync::Mutex<()>]>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -418,7 +426,18 @@ pub(crate) fn direct_view(message: StoredMessage) -> MessageView {
     }
 }
 
+/// How many per-user lock stripes a `Chat` keeps.
+const USER_LOCK_STRIPES: usize = 64;
+
 impl Inner {
+    /// The lock that orders `user`'s presence and membership edges.
+    pub(crate) fn user_lock(&self, user: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(user);
+        &self.user_locks[(hash % self.user_locks.len() as u64) as usize]
+    }
+
     /// Checks a body against the protocol's rules.
     pub(crate) fn check_body(&self, body: &str) -> Result<(), ChatError> {
         if body.is_empty() {

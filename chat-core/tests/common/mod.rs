@@ -82,6 +82,17 @@ impl Client {
         }
     }
 
+    /// The next text frame, or `None` when the connection ended (for polling loops).
+    pub async fn try_recv(&mut self) -> Option<Value> {
+        loop {
+            match self.rx.next().await? {
+                Outbound::Text(text) => return Some(serde_json::from_slice(&text).unwrap()),
+                Outbound::Ping => {}
+                Outbound::Close { .. } => return None,
+            }
+        }
+    }
+
     /// The next frame, which must have this `type`.
     pub async fn recv_type(&mut self, kind: &str) -> Value {
         let frame = self.recv().await;
