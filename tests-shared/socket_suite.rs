@@ -43,10 +43,9 @@ pub async fn open(addr: SocketAddr, path: &str) -> Result<Socket, WsError> {
 /// Opens `/ws` as `user` (development authentication) and takes the welcome frame.
 pub async fn connect(addr: SocketAddr, user: &str) -> Socket {
     let mut socket = open(addr, &format!("/ws?user={user}")).await.unwrap();
-    assert_eq!(
-        socket.recv().await,
-        json!({"type": "welcome", "user": user})
-    );
+    let welcome = socket.recv_type("welcome").await;
+    assert_eq!(welcome["user"], user);
+    assert!(welcome["epoch"].as_str().is_some_and(|e| !e.is_empty()));
     socket
 }
 
@@ -314,10 +313,7 @@ pub async fn jwt_handshakes(addr: SocketAddr) {
     let token = auth.issue("jwt-alice", Duration::from_secs(60)).unwrap();
 
     let mut by_query = open(addr, &format!("/ws?token={token}")).await.unwrap();
-    assert_eq!(
-        by_query.recv().await,
-        json!({"type": "welcome", "user": "jwt-alice"})
-    );
+    assert_eq!(by_query.recv_type("welcome").await["user"], "jwt-alice");
 
     let mut request = format!("ws://{addr}/ws/chat/jwt-room/")
         .into_client_request()

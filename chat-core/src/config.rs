@@ -37,11 +37,18 @@ pub struct ChatConfig {
     pub history_default_limit: usize,
     /// Largest `history` page; larger limits are cut to it. Default 100.
     pub history_max_limit: usize,
-    /// How long a `ref` is remembered for de-duplication. Default 10 minutes.
-    pub dedup_window: Duration,
-    /// Most `ref`s remembered across all users; past it the oldest are forgotten early, so memory
-    /// stays bounded under any load. Default 100,000.
-    pub dedup_capacity: usize,
+    /// How long a connection waits for a message that another arrived ahead of (the sender of
+    /// the one missing is still publishing it, or it was lost on the way) before it reads the
+    /// gap from the history store. Shorter repairs losses sooner; longer spares the store when
+    /// publishers are merely slow. Default 500 ms.
+    pub gap_grace: Duration,
+    /// How long this node's registry lease lasts; it is renewed every third of it. A node that
+    /// dies without saying goodbye leaves `online` and its rooms within about this long (another
+    /// node sweeps it). Default 30 s.
+    pub node_lease: Duration,
+    /// Stored messages whose publish failed and is being retried, at most; beyond it a message
+    /// reaches clients only through gap repair and resume. Default 1,024.
+    pub outbox_capacity: usize,
     /// How often a connection refreshes its channel-layer group memberships, so that long-lived
     /// connections outlast the layer's `group_expiry`. Default 1 hour.
     pub membership_refresh: Duration,
@@ -66,8 +73,9 @@ impl Default for ChatConfig {
             resume_limit: 500,
             history_default_limit: 50,
             history_max_limit: 100,
-            dedup_window: Duration::from_secs(600),
-            dedup_capacity: 100_000,
+            gap_grace: Duration::from_millis(500),
+            node_lease: Duration::from_secs(30),
+            outbox_capacity: 1_024,
             membership_refresh: Duration::from_secs(3_600),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),

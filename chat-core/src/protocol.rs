@@ -395,6 +395,9 @@ pub enum ServerFrame {
     Welcome {
         /// The authenticated user.
         user: String,
+        /// The history store's lifetime: a client that sees it change forgets the ids it
+        /// remembers (protocol 1.1).
+        epoch: String,
     },
     /// Reply to `join`.
     Joined {

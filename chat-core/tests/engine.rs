@@ -12,8 +12,8 @@ use bytes::Bytes;
 use chat_core::engine::{CloseReason, Inbound, Route};
 use chat_core::policy::{Policy, Refusal};
 use chat_core::store::{
-    Conversation, HistoryStore, InMemoryHistoryStore, InboxEntry, NewMessage, Page, StoreError,
-    StoredMessage,
+    Appended, Conversation, HistoryStore, InMemoryHistoryStore, InboxEntry, NewMessage, Page,
+    StoreError,
 };
 use chat_core::{Chat, ChatConfig};
 use common::{chat, chat_with, Client};
@@ -994,11 +994,7 @@ impl FlakyStore {
 
 #[async_trait]
 impl HistoryStore for FlakyStore {
-    async fn append(
-        &self,
-        c: &Conversation,
-        m: NewMessage<'_>,
-    ) -> Result<StoredMessage, StoreError> {
+    async fn append(&self, c: &Conversation, m: NewMessage<'_>) -> Result<Appended, StoreError> {
         self.check()?;
         self.inner.append(c, m).await
     }
@@ -1022,6 +1018,9 @@ impl HistoryStore for FlakyStore {
     async fn inbox(&self, user: &str) -> Result<Vec<InboxEntry>, StoreError> {
         self.check()?;
         self.inner.inbox(user).await
+    }
+    async fn epoch(&self) -> Result<String, StoreError> {
+        self.inner.epoch().await
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! - The **reader** decodes the client's frames, enforces the limits and runs each request.
 //! - The **forwarder** drains the connection's channel-layer subscription (room messages, direct
-//!   messages, presence, control) into the outbound queue, skipping what is not for it.
+//!   messages, presence, control) into the outbound queue, in order, skipping what is not for it,
+//!   and repairs gaps from the history store.
 //! - The **writer** drains the outbound queue into the socket.
 //!
 //! The outbound queue is bounded (`outbound_queue`). Nothing ever waits for room in it: a full
@@ -11,46 +12,105 @@
 //! this connection closes it the same way, so a client never silently misses a message: it
 //! reconnects and resumes with `since`.
 //!
-//! Joining is gap-free and duplicate-free: the connection subscribes to the room's group *before*
-//! reading history, buffers the room's live frames until `joined` is queued, then releases only
-//! those newer than the history it sent.
+//! **Order.** Each conversation the connection takes part in (a joined room, a direct
+//! conversation) has a [`Sequencer`]: messages leave in id order, each once, whatever order the
+//! layer brought them in; a gap that does not close within `gap_grace` is read from the store
+//! (paced by the room left in the outbound queue). `member` and `presence` events pass an
+//! [`EdgeFilter`] so an older edge never lands after a newer one. `docs/ordering.md` tells the
+//! whole story.
+//!
+//! **Joining** is gap-free and duplicate-free: the connection subscribes to the room's group
+//! *before* reading history, buffers the room's live frames until `joined` is queued, then
+//! delivers only what is newer than the history it sent. A resume (`since`) whose history was cut
+//! by `resume_limit` leaves the room *behind*: its live messages are held back until the client
+//! has paged to the end with `history` `after`, so the client's highest id seen stays safe to
+//! resume from.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 
-use super::envelope::{self, room_group, user_group, Envelope, Kind, PRESENCE_GROUP};
+use super::edges::EdgeFilter;
+use super::envelope::{self, room_group, user_group, Envelope, Kind, Received, PRESENCE_GROUP};
 use super::rate::TokenBucket;
-use super::{direct_view, room_view, ChatError, CloseReason, Inbound, Inner, Outbound, Session};
+use super::sequencer::{Frame, Sequencer};
+use super::{
+    ack_frame, direct_view, room_view, ChatError, CloseReason, Inbound, Inner, Outbound, Session,
+};
 use crate::layer::Subscription;
 use crate::names::{is_valid_room_name, is_valid_user_name};
 use crate::protocol::{
     decode_with_ref, ClientFrame, ErrorCode, FrameError, InboxItem, MemberEvent, PresenceStatus,
     ServerFrame, Target,
 };
-use crate::store::Conversation;
+use crate::registry::Departure;
+use crate::store::{Conversation, StoredMessage};
 
 /// How long the engine tries to deliver its close frame to a socket that may not be reading.
-const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Outbound queue slots a gap repair leaves free for everything else.
+const REPAIR_HEADROOM: usize = 16;
+/// Most messages one gap repair reads from the store at once.
+const REPAIR_PAGE: usize = 100;
+/// When the outbound queue is too full to repair into, look again after this long.
+const REPAIR_PACE: Duration = Duration::from_millis(20);
+/// After a store failure during a repair, try again after this long.
+const REPAIR_RETRY: Duration = Duration::from_secs(1);
+
+/// A conversation of this connection that may need a gap repaired.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Key {
+    Room(String),
+    /// A direct conversation, by the other user.
+    Direct(String),
+}
 
 /// A room as this connection sees it.
+struct Room {
+    /// Tells a repair that finished after a leave and re-join that its room is another one now.
+    generation: u64,
+    /// The registry version of the member list sent in `joined`; older edges are old news.
+    member_floor: u64,
+    state: RoomState,
+}
+
 enum RoomState {
-    /// Subscribed, `joined` not yet sent: live frames wait here, with their message id (0 for
-    /// frames that are not messages).
-    Joining(Vec<(u64, Bytes)>),
-    /// Live frames flow straight out.
-    Joined,
+    /// Subscribed, `joined` not yet sent: live frames wait here.
+    Joining(Vec<Received>),
+    /// Messages flow, in order.
+    Live(Sequencer),
+    /// A resume was cut short: messages wait in the store until the client pages to the end.
+    Behind,
+}
+
+/// A direct conversation as this connection sees it.
+struct Direct {
+    sequencer: Sequencer,
+    /// Ids this connection sent and was acked for, not yet passed: a repair must not echo them.
+    own: BTreeSet<u64>,
 }
 
 /// What the reader and the forwarder share. Locked only for map edits and non-blocking queue
 /// pushes, never across an await.
 struct Shared {
-    rooms: HashMap<String, RoomState>,
+    rooms: HashMap<String, Room>,
+    directs: HashMap<String, Direct>,
+    /// Each direct conversation's newest id when the connection opened: its order starts there.
+    direct_heads: HashMap<String, u64>,
     /// Whether the connection asked for presence events (`who` with `watch: true`).
     watching: bool,
+    /// The registry version of the last `online` reply; older presence edges are old news.
+    presence_floor: u64,
+    edges: EdgeFilter,
+    /// Conversations to look at for a gap, soonest first.
+    repairs: BinaryHeap<Reverse<(Instant, Key)>>,
+    generations: u64,
 }
 
 /// A refusal to report to the client as an `error` frame.
@@ -70,6 +130,9 @@ impl Refused {
 
 impl From<ChatError> for Refused {
     fn from(error: ChatError) -> Self {
+        if error.code() == ErrorCode::Unavailable {
+            return unavailable(error);
+        }
         Self::new(error.code(), error.to_string())
     }
 }
@@ -84,10 +147,19 @@ struct Connection {
     channel: String,
     shared: Arc<Mutex<Shared>>,
     out: mpsc::Sender<Bytes>,
+    /// Wakes the forwarder when the reader scheduled a repair.
+    repairs_changed: Notify,
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a new connection learns before it says `welcome`.
+struct Opened {
+    subscription: Subscription,
+    direct_heads: HashMap<String, u64>,
+    epoch: String,
 }
 
 pub(super) async fn serve<I, O>(
@@ -102,14 +174,19 @@ where
 {
     let Session { user, room } = session;
     tracing::info!(user, ?room, "connection opened");
-    let subscription = match setup(&inner, &user).await {
-        Ok(subscription) => subscription,
+    let opened = match open(&inner, &user).await {
+        Ok(opened) => opened,
         Err(error) => {
             tracing::error!(%error, user, "connection setup failed");
             close(&mut outbound, CloseReason::Unavailable).await;
             return CloseReason::Unavailable;
         }
     };
+    let Opened {
+        subscription,
+        direct_heads,
+        epoch,
+    } = opened;
     let (out, mut queue) = mpsc::channel(inner.config.outbound_queue.max(1));
     let connection = Connection {
         inner: Arc::clone(&inner),
@@ -117,16 +194,25 @@ where
         user,
         shared: Arc::new(Mutex::new(Shared {
             rooms: HashMap::new(),
+            directs: HashMap::new(),
+            direct_heads,
             watching: false,
+            presence_floor: 0,
+            edges: EdgeFilter::default(),
+            repairs: BinaryHeap::new(),
+            generations: 0,
         })),
         out,
+        repairs_changed: Notify::new(),
     };
+    // Subscribed before registering, so a lease loss announced from here on reaches us.
+    let lease_lost = inner.lease_lost.subscribe();
     // If this future is dropped mid-way (the adapter's task aborted), the guard still takes the
     // user out of the registry, so nobody stays "online" forever.
     let mut guard = CleanupGuard {
         connection: Some(connection.cleanup_handle()),
     };
-    if connection.registry_connect().await.is_err() {
+    if connection.register().await.is_err() {
         guard.finish().await;
         close(&mut outbound, CloseReason::Unavailable).await;
         return CloseReason::Unavailable;
@@ -135,13 +221,14 @@ where
     let reason = {
         let welcome = ServerFrame::Welcome {
             user: connection.user.clone(),
+            epoch,
         };
         let start = async {
             connection.push(welcome.encode())?;
             if let Some(room) = room {
                 connection.respond(None, connection.join(room, None).await)?;
             }
-            connection.read_loop(&mut inbound).await
+            connection.read_loop(&mut inbound, lease_lost).await
         };
         let either = |reason: Result<CloseReason, CloseReason>| reason.unwrap_or_else(|r| r);
         tokio::select! {
@@ -174,13 +261,22 @@ async fn drain<O: Sink<Outbound> + Unpin>(queue: &mut mpsc::Receiver<Bytes>, out
     let _ = outbound.flush().await;
 }
 
-async fn setup(inner: &Inner, user: &str) -> Result<Subscription, ChatError> {
+/// Subscribes the new connection to its user's group, then reads where its direct
+/// conversations stand: everything stored after that reaches it live.
+async fn open(inner: &Arc<Inner>, user: &str) -> Result<Opened, ChatError> {
+    inner.start().await?;
     let subscription = inner.layer.new_channel("conn").await?;
     inner
         .layer
         .group_add(&user_group(user), subscription.name())
         .await?;
-    Ok(subscription)
+    let direct_heads = inner.store.direct_heads(user).await?.into_iter().collect();
+    let epoch = inner.store.epoch().await?;
+    Ok(Opened {
+        subscription,
+        direct_heads,
+        epoch,
+    })
 }
 
 async fn close<O: Sink<Outbound> + Unpin>(outbound: &mut O, reason: CloseReason) {
@@ -194,7 +290,7 @@ async fn close<O: Sink<Outbound> + Unpin>(outbound: &mut O, reason: CloseReason)
 async fn write_loop<O: Sink<Outbound> + Unpin>(
     queue: &mut mpsc::Receiver<Bytes>,
     outbound: &mut O,
-    ping_interval: std::time::Duration,
+    ping_interval: Duration,
 ) -> CloseReason {
     let start = tokio::time::Instant::now() + ping_interval;
     let mut ping = tokio::time::interval_at(start, ping_interval);
@@ -221,34 +317,49 @@ struct CleanupHandle {
     inner: Arc<Inner>,
     user: String,
     channel: String,
-    shared: Arc<Mutex<Shared>>,
 }
 
 impl CleanupHandle {
-    /// Leaves every room and goes offline, firing `member` and `presence` events on the edges.
+    /// Takes the connection out of the registry and announces the edges that crossed. If the
+    /// registry is unreachable, keeps trying in the background for a while: a membership left
+    /// behind would show the user online until this node's lease ends.
     async fn run(self) {
-        let _edges = self.inner.user_lock(&self.user).lock().await;
-        let rooms: Vec<String> = lock(&self.shared)
-            .rooms
-            .drain()
-            .map(|(room, _)| room)
-            .collect();
-        for room in rooms {
-            leave_registry(&self.inner, &room, &self.user, &self.channel).await;
+        if self.try_once().await {
+            return;
         }
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            while delay < self.inner.config.node_lease {
+                tokio::time::sleep(delay).await;
+                if self.try_once().await {
+                    return;
+                }
+                delay *= 2;
+            }
+            tracing::error!(
+                user = self.user,
+                "could not take a closed connection out of the registry"
+            );
+        });
+    }
+
+    async fn try_once(&self) -> bool {
         match self
             .inner
             .registry
             .disconnect(&self.user, &self.channel)
             .await
         {
-            Ok(true) => {
-                self.inner
-                    .announce_presence(&self.user, PresenceStatus::Offline)
-                    .await;
+            Ok(departures) => {
+                for departure in &departures {
+                    self.inner.announce_departure(departure).await;
+                }
+                true
             }
-            Ok(false) => {}
-            Err(error) => tracing::warn!(%error, user = self.user, "registry disconnect failed"),
+            Err(error) => {
+                tracing::warn!(%error, user = self.user, "registry disconnect failed");
+                false
+            }
         }
     }
 }
@@ -275,25 +386,6 @@ impl Drop for CleanupGuard {
     }
 }
 
-/// Takes a connection out of a room in the registry and announces the user's leave on the edge.
-async fn leave_registry(inner: &Inner, room: &str, user: &str, channel: &str) {
-    match inner.registry.leave(room, user, channel).await {
-        Ok(true) => {
-            let frame = ServerFrame::Member {
-                room: room.to_owned(),
-                user: user.to_owned(),
-                event: MemberEvent::Leave,
-            };
-            let envelope = Envelope::room(room, 0).wrap(&frame.encode());
-            if let Err(error) = inner.layer.group_send(&room_group(room), envelope).await {
-                tracing::warn!(%error, room, user, "leave event not delivered");
-            }
-        }
-        Ok(false) => {}
-        Err(error) => tracing::warn!(%error, room, user, "registry leave failed"),
-    }
-}
-
 fn check_room(room: &str) -> Result<(), Refused> {
     if is_valid_room_name(room) {
         Ok(())
@@ -317,26 +409,28 @@ fn unavailable(error: impl std::fmt::Display) -> Refused {
     Refused::new(ErrorCode::Unavailable, "temporarily unavailable, retry")
 }
 
+fn text(bytes: &Bytes) -> Option<&str> {
+    std::str::from_utf8(bytes).ok()
+}
+
 impl Connection {
     fn cleanup_handle(&self) -> CleanupHandle {
         CleanupHandle {
             inner: Arc::clone(&self.inner),
             user: self.user.clone(),
             channel: self.channel.clone(),
-            shared: Arc::clone(&self.shared),
         }
     }
 
-    async fn registry_connect(&self) -> Result<(), ChatError> {
-        let _edges = self.inner.user_lock(&self.user).lock().await;
-        if self
-            .inner
+    async fn register(&self) -> Result<(), ChatError> {
+        let inner = &self.inner;
+        let edge = inner
             .registry
-            .connect(&self.user, &self.channel)
-            .await?
-        {
-            self.inner
-                .announce_presence(&self.user, PresenceStatus::Online)
+            .connect(&inner.node, &self.user, &self.channel)
+            .await?;
+        if let Some(edge) = edge {
+            inner
+                .announce_presence(&self.user, PresenceStatus::Online, edge.version)
                 .await;
         }
         Ok(())
@@ -373,7 +467,23 @@ impl Connection {
         }
     }
 
-    async fn read_loop<I>(&self, inbound: &mut I) -> Result<CloseReason, CloseReason>
+    /// Whether a layer message names this user or this connection as one to skip.
+    fn excluded(&self, received: &Received) -> bool {
+        received.exclude_user == self.user.as_bytes()
+            || received.exclude_connection == self.channel.as_bytes()
+    }
+
+    fn sequencer_capacity(&self) -> usize {
+        // Early arrivals waiting for a gap are bounded well below the outbound queue, so that
+        // releasing them never fills it; anything beyond is read from the store instead.
+        (self.inner.config.outbound_queue / 4).max(1)
+    }
+
+    async fn read_loop<I>(
+        &self,
+        inbound: &mut I,
+        mut lease_lost: tokio::sync::watch::Receiver<u64>,
+    ) -> Result<CloseReason, CloseReason>
     where
         I: Stream<Item = Inbound> + Unpin,
     {
@@ -382,16 +492,15 @@ impl Connection {
         let mut strikes = 0u32;
         let mut shutdown = self.inner.shutdown.subscribe();
         let mut refresh = tokio::time::interval_at(
-            tokio::time::Instant::now() + config.membership_refresh,
+            Instant::now() + config.membership_refresh,
             config.membership_refresh,
         );
-        let mut last_heard = tokio::time::Instant::now();
+        let mut last_heard = Instant::now();
         let idle_check = config
             .idle_timeout
             .min(config.ping_interval)
-            .max(std::time::Duration::from_millis(10));
-        let mut idle =
-            tokio::time::interval_at(tokio::time::Instant::now() + idle_check, idle_check);
+            .max(Duration::from_millis(10));
+        let mut idle = tokio::time::interval_at(Instant::now() + idle_check, idle_check);
         loop {
             if *shutdown.borrow_and_update() {
                 return Ok(CloseReason::Shutdown);
@@ -399,6 +508,12 @@ impl Connection {
             let frame = tokio::select! {
                 frame = inbound.next() => frame,
                 _ = shutdown.changed() => continue,
+                changed = lease_lost.changed() => {
+                    if changed.is_ok() {
+                        return Ok(CloseReason::LeaseLost);
+                    }
+                    continue;
+                }
                 _ = refresh.tick() => {
                     self.refresh_memberships().await;
                     continue;
@@ -410,7 +525,7 @@ impl Connection {
                     continue;
                 }
             };
-            last_heard = tokio::time::Instant::now();
+            last_heard = Instant::now();
             let (text, binary) = match frame {
                 None => return Ok(CloseReason::ClientClosed),
                 Some(Inbound::Text(text)) => (text, false),
@@ -501,9 +616,16 @@ impl Connection {
                 return Ok(Err(Refused::new(ErrorCode::Forbidden, refusal.0)));
             }
             // Subscribe first: from here on no live message of the room can be missed.
-            lock(&self.shared)
-                .rooms
-                .insert(room.clone(), RoomState::Joining(Vec::new()));
+            {
+                let mut shared = lock(&self.shared);
+                shared.generations += 1;
+                let room_state = Room {
+                    generation: shared.generations,
+                    member_floor: 0,
+                    state: RoomState::Joining(Vec::new()),
+                };
+                shared.rooms.insert(room.clone(), room_state);
+            }
             if let Err(error) = self.enter(&room).await {
                 self.leave_quietly(&room).await;
                 return Ok(Err(unavailable(error)));
@@ -526,10 +648,10 @@ impl Connection {
             (Err(error), _) => return self.join_failed(&room, error).await,
             (_, Err(error)) => return self.join_failed(&room, error).await,
         };
-        let newest = page.messages.last().map_or(since.unwrap_or(0), |m| m.id);
+        let behind = since.is_some() && page.more;
         let joined = ServerFrame::Joined {
             room: room.clone(),
-            members,
+            members: members.users,
             history: page
                 .messages
                 .into_iter()
@@ -538,16 +660,27 @@ impl Connection {
             more: page.more,
         };
         let joined = joined.encode();
+        let capacity = self.sequencer_capacity();
+        let now = Instant::now();
         let mut shared = lock(&self.shared);
         self.push(joined)?;
-        if let Some(state) = shared.rooms.get_mut(&room) {
-            if let RoomState::Joining(waiting) = std::mem::replace(state, RoomState::Joined) {
-                for (id, frame) in waiting {
-                    if id == 0 || id > newest {
-                        self.push(frame)?;
-                    }
-                }
+        let Some(entry) = shared.rooms.get_mut(&room) else {
+            return Ok(Ok(()));
+        };
+        // Joining twice is harmless: an established room keeps its order.
+        if let RoomState::Joining(waiting) = &mut entry.state {
+            let waiting = std::mem::take(waiting);
+            entry.member_floor = members.version;
+            entry.state = if behind {
+                RoomState::Behind
+            } else {
+                RoomState::Live(Sequencer::new(page.last_id, capacity))
+            };
+            for received in waiting {
+                self.deliver_room(&mut shared, &room, received, now)?;
             }
+            drop(shared);
+            self.repairs_changed.notify_one();
         }
         Ok(Ok(()))
     }
@@ -560,17 +693,10 @@ impl Connection {
             .layer
             .group_add(&room_group(room), &self.channel)
             .await?;
-        let _edges = inner.user_lock(&self.user).lock().await;
-        if inner.registry.join(room, &self.user, &self.channel).await? {
-            let frame = ServerFrame::Member {
-                room: room.to_owned(),
-                user: self.user.clone(),
-                event: MemberEvent::Join,
-            };
-            let envelope = Envelope::room(room, 0)
-                .excluding_user(&self.user)
-                .wrap(&frame.encode());
-            inner.layer.group_send(&room_group(room), envelope).await?;
+        if let Some(edge) = inner.registry.join(room, &self.user, &self.channel).await? {
+            inner
+                .announce_member(room, &self.user, MemberEvent::Join, edge.version)
+                .await;
         }
         Ok(())
     }
@@ -583,17 +709,28 @@ impl Connection {
     /// Leaves a room without replying; used by `leave` and to undo a failed join.
     async fn leave_quietly(&self, room: &str) {
         let was_in = lock(&self.shared).rooms.remove(room).is_some();
-        if was_in {
-            if let Err(error) = self
-                .inner
-                .layer
-                .group_discard(&room_group(room), &self.channel)
-                .await
-            {
-                tracing::warn!(%error, room, "group_discard failed");
+        if !was_in {
+            return;
+        }
+        let inner = &self.inner;
+        if let Err(error) = inner
+            .layer
+            .group_discard(&room_group(room), &self.channel)
+            .await
+        {
+            tracing::warn!(%error, room, "group_discard failed");
+        }
+        match inner.registry.leave(room, &self.user, &self.channel).await {
+            Ok(Some(edge)) => {
+                let departure = Departure::Left {
+                    room: room.to_owned(),
+                    user: self.user.clone(),
+                    version: edge.version,
+                };
+                inner.announce_departure(&departure).await;
             }
-            let _edges = self.inner.user_lock(&self.user).lock().await;
-            leave_registry(&self.inner, room, &self.user, &self.channel).await;
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, room, "registry leave failed"),
         }
     }
 
@@ -616,15 +753,18 @@ impl Connection {
         if let Err(refusal) = inner.policy.allow_send(&self.user, &room, &body).await {
             return Ok(Err(Refused::new(ErrorCode::Forbidden, refusal.0)));
         }
-        let deliver = || async {
-            let stored = inner.publish_room(&room, &self.user, &body).await?;
-            Ok::<_, ChatError>(stored.id)
-        };
-        let id = match &reference {
-            Some(reference) => inner.dedup.once(&self.user, reference, deliver).await,
-            None => deliver().await,
-        };
-        self.ack(reference, id)
+        let reference = reference.as_deref();
+        let published = inner
+            .publish_room(&room, &self.user, &body, reference, Some(&self.out))
+            .await;
+        match published {
+            // Acked only once published; otherwise the outbox acks when it gets through.
+            Ok(published) if published.delivered => self
+                .push(ack_frame(reference, published.message.id))
+                .map(Ok),
+            Ok(_) => Ok(Ok(())),
+            Err(error) => Ok(Err(error.into())),
+        }
     }
 
     async fn direct(&self, to: String, body: String, reference: Option<String>) -> Handled {
@@ -638,26 +778,39 @@ impl Connection {
         if let Err(refusal) = inner.policy.allow_direct(&self.user, &to, &body).await {
             return Ok(Err(Refused::new(ErrorCode::Forbidden, refusal.0)));
         }
-        let deliver = || async {
-            let stored = inner
-                .publish_direct(&self.user, &to, &body, &self.channel)
-                .await?;
-            Ok::<_, ChatError>(stored.id)
-        };
-        let id = match &reference {
-            Some(reference) => inner.dedup.once(&self.user, reference, deliver).await,
-            None => deliver().await,
-        };
-        self.ack(reference, id)
+        let reference = reference.as_deref();
+        let stored = |id| self.own_direct(&to, id);
+        let published = inner
+            .publish_direct(
+                &self.user,
+                &to,
+                &body,
+                reference,
+                Some((&self.channel, &self.out, &stored)),
+            )
+            .await;
+        match published {
+            Ok(published) if published.delivered => self
+                .push(ack_frame(reference, published.message.id))
+                .map(Ok),
+            Ok(_) => Ok(Ok(())),
+            Err(error) => Ok(Err(error.into())),
+        }
     }
 
-    fn ack(&self, reference: Option<String>, id: Result<u64, ChatError>) -> Handled {
-        match id {
-            Ok(id) => self
-                .push(ServerFrame::Ack { reference, id }.encode())
-                .map(Ok),
-            Err(error) if error.code() == ErrorCode::Unavailable => Ok(Err(unavailable(error))),
-            Err(error) => Ok(Err(error.into())),
+    /// Notes a direct message this connection sent, between storing and publishing it, so a
+    /// gap repair never echoes it back (the sender gets an `ack` instead).
+    fn own_direct(&self, partner: &str, id: u64) {
+        let capacity = self.sequencer_capacity();
+        let mut shared = lock(&self.shared);
+        let Shared {
+            directs,
+            direct_heads,
+            ..
+        } = &mut *shared;
+        let direct = direct_entry(directs, direct_heads, partner, capacity);
+        if id > direct.sequencer.delivered() {
+            direct.own.insert(id);
         }
     }
 
@@ -670,7 +823,7 @@ impl Connection {
                     to: None,
                     from: self.user.clone(),
                 };
-                let envelope = Envelope::room(room, 0)
+                let envelope = Envelope::room_event(room)
                     .excluding_user(&self.user)
                     .wrap(&frame.encode());
                 (room_group(room), envelope)
@@ -721,7 +874,7 @@ impl Connection {
                     user: self.user.clone(),
                     id: position,
                 };
-                Envelope::room(&room, 0)
+                Envelope::room_event(&room)
                     .excluding_user(&self.user)
                     .wrap(&frame.encode())
             }
@@ -776,6 +929,7 @@ impl Connection {
             Ok(page) => page,
             Err(error) => return Ok(Err(unavailable(error))),
         };
+        let (more, last_id) = (page.more, page.last_id);
         let (room, with, messages) = match target {
             Target::Room(room) => {
                 let messages = page
@@ -791,12 +945,23 @@ impl Connection {
             }
         };
         let frame = ServerFrame::History {
-            room,
+            room: room.clone(),
             with,
             messages,
-            more: page.more,
+            more,
         };
-        self.push(frame.encode()).map(Ok)
+        let mut shared = lock(&self.shared);
+        self.push(frame.encode())?;
+        // A room left behind by a cut resume goes live once the client has paged to the end.
+        if let (Some(room), Some(_), false) = (room, after, more) {
+            if let Some(entry) = shared.rooms.get_mut(&room) {
+                if matches!(entry.state, RoomState::Behind) {
+                    let capacity = self.sequencer_capacity();
+                    entry.state = RoomState::Live(Sequencer::new(last_id, capacity));
+                }
+            }
+        }
+        Ok(Ok(()))
     }
 
     async fn inbox(&self) -> Handled {
@@ -830,10 +995,20 @@ impl Connection {
         if let Some(watch) = watch {
             lock(&self.shared).watching = watch;
         }
-        match self.inner.registry.online().await {
-            Ok(users) => self.push(ServerFrame::Online { users }.encode()).map(Ok),
-            Err(error) => Ok(Err(unavailable(error))),
-        }
+        let online = match self.inner.registry.online().await {
+            Ok(online) => online,
+            Err(error) => return Ok(Err(unavailable(error))),
+        };
+        let mut shared = lock(&self.shared);
+        self.push(
+            ServerFrame::Online {
+                users: online.users,
+            }
+            .encode(),
+        )?;
+        // Presence edges this reply already reflects are old news from now on.
+        shared.presence_floor = shared.presence_floor.max(online.version);
+        Ok(Ok(()))
     }
 
     /// Re-adds every group membership so that a long-lived connection outlasts `group_expiry`.
@@ -859,44 +1034,341 @@ impl Connection {
         &self,
         mut subscription: Subscription,
     ) -> Result<CloseReason, CloseReason> {
-        while let Some(message) = subscription.recv().await {
-            if subscription.missed() > 0 {
-                // The layer dropped a message meant for us: better to close and let the client
-                // resume than to let it believe it saw everything.
-                return Ok(CloseReason::SlowConsumer);
-            }
-            let Some(received) = envelope::unwrap(&message) else {
-                tracing::warn!("ignoring a channel-layer message that is not an engine envelope");
-                continue;
+        loop {
+            let next_repair = lock(&self.shared)
+                .repairs
+                .peek()
+                .map(|Reverse((at, _))| *at);
+            let repair_due = async {
+                match next_repair {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
             };
-            if received.exclude_user == self.user.as_bytes()
-                || received.exclude_connection == self.channel.as_bytes()
-            {
-                continue;
-            }
-            match received.kind {
-                Kind::Kick => return Ok(CloseReason::Disconnected),
-                Kind::User | Kind::Presence => self.push(received.frame)?,
-                Kind::Room => {
-                    let Ok(room) = std::str::from_utf8(&received.room) else {
-                        continue;
+            tokio::select! {
+                message = subscription.recv() => {
+                    let Some(message) = message else {
+                        // The layer is gone: nothing more can reach this connection.
+                        return Ok(CloseReason::Shutdown);
                     };
+                    if subscription.missed() > 0 {
+                        // The layer dropped a message meant for us: better to close and let the
+                        // client resume than to let it believe it saw everything.
+                        return Ok(CloseReason::SlowConsumer);
+                    }
                     let mut shared = lock(&self.shared);
-                    match shared.rooms.get_mut(room) {
-                        // Not (or no longer) in this room: a late frame after `leave`.
-                        None => {}
-                        Some(RoomState::Joined) => self.push(received.frame)?,
-                        Some(RoomState::Joining(waiting)) => {
-                            if waiting.len() >= self.inner.config.outbound_queue {
-                                return Err(CloseReason::SlowConsumer);
-                            }
-                            waiting.push((received.id, received.frame));
+                    if let Some(reason) = self.route(&mut shared, &message)? {
+                        return Ok(reason);
+                    }
+                }
+                () = repair_due => self.repair_due().await?,
+                () = self.repairs_changed.notified() => {}
+            }
+        }
+    }
+
+    /// Delivers one layer message to this connection, or decides it is not for it. `Some` ends
+    /// the connection.
+    fn route(
+        &self,
+        shared: &mut Shared,
+        message: &Bytes,
+    ) -> Result<Option<CloseReason>, CloseReason> {
+        let Some(received) = envelope::unwrap(message) else {
+            tracing::warn!("ignoring a channel-layer message that is not an engine envelope");
+            return Ok(None);
+        };
+        let now = Instant::now();
+        match received.kind {
+            Kind::Kick => return Ok(Some(CloseReason::Disconnected)),
+            Kind::User => {
+                if !self.excluded(&received) {
+                    self.push(received.frame)?;
+                }
+            }
+            Kind::Presence => {
+                let Some(user) = text(&received.second) else {
+                    return Ok(None);
+                };
+                let floor = shared.presence_floor;
+                if shared.watching
+                    && !self.excluded(&received)
+                    && shared.edges.admit("", user, received.version, floor, now)
+                {
+                    self.push(received.frame)?;
+                }
+            }
+            Kind::Room => {
+                let Some(room) = text(&received.first).map(str::to_owned) else {
+                    return Ok(None);
+                };
+                match shared.rooms.get_mut(&room) {
+                    // Not (or no longer) in this room: a late frame after `leave`.
+                    None => {}
+                    Some(Room {
+                        state: RoomState::Joining(waiting),
+                        ..
+                    }) => {
+                        if waiting.len() >= self.inner.config.outbound_queue {
+                            return Err(CloseReason::SlowConsumer);
                         }
+                        waiting.push(received);
+                    }
+                    Some(_) => self.deliver_room(shared, &room, received, now)?,
+                }
+            }
+            Kind::Direct => self.deliver_direct(shared, received, now)?,
+        }
+        Ok(None)
+    }
+
+    /// A room frame for a room this connection has joined (or is done joining): a message goes
+    /// through the room's sequencer, an edge through the edge filter, other events straight out.
+    fn deliver_room(
+        &self,
+        shared: &mut Shared,
+        room: &str,
+        received: Received,
+        now: Instant,
+    ) -> Result<(), CloseReason> {
+        let grace = self.inner.config.gap_grace;
+        let Shared {
+            rooms,
+            edges,
+            repairs,
+            ..
+        } = shared;
+        let Some(entry) = rooms.get_mut(room) else {
+            return Ok(());
+        };
+        if received.id == 0 {
+            if self.excluded(&received) {
+                return Ok(());
+            }
+            if received.version > 0 {
+                let Some(user) = text(&received.second) else {
+                    return Ok(());
+                };
+                if !edges.admit(room, user, received.version, entry.member_floor, now) {
+                    return Ok(());
+                }
+            }
+            return self.push(received.frame);
+        }
+        match &mut entry.state {
+            RoomState::Live(sequencer) => {
+                let opened =
+                    sequencer.offer(received.id, Some(received.frame), now, &mut |frame| {
+                        self.push(frame)
+                    })?;
+                if opened {
+                    repairs.push(Reverse((now + grace, Key::Room(room.to_owned()))));
+                }
+            }
+            // The client pages to these through `history`.
+            RoomState::Behind => {}
+            RoomState::Joining(waiting) => waiting.push(received),
+        }
+        Ok(())
+    }
+
+    /// A direct message for this user: in order within its conversation; the copy of a message
+    /// this connection sent only moves the order along.
+    fn deliver_direct(
+        &self,
+        shared: &mut Shared,
+        received: Received,
+        now: Instant,
+    ) -> Result<(), CloseReason> {
+        let (Some(from), Some(to)) = (text(&received.first), text(&received.second)) else {
+            return Ok(());
+        };
+        let partner = if from == self.user {
+            to
+        } else if to == self.user {
+            from
+        } else {
+            return Ok(());
+        };
+        let frame = if received.exclude_connection == self.channel.as_bytes() {
+            None
+        } else {
+            Some(received.frame.clone())
+        };
+        let capacity = self.sequencer_capacity();
+        let grace = self.inner.config.gap_grace;
+        let Shared {
+            directs,
+            direct_heads,
+            repairs,
+            ..
+        } = shared;
+        let direct = direct_entry(directs, direct_heads, partner, capacity);
+        let opened = direct
+            .sequencer
+            .offer(received.id, frame, now, &mut |frame| self.push(frame))?;
+        if !direct.own.is_empty() {
+            let delivered = direct.sequencer.delivered();
+            direct.own.retain(|id| *id > delivered);
+        }
+        if opened {
+            repairs.push(Reverse((now + grace, Key::Direct(partner.to_owned()))));
+        }
+        Ok(())
+    }
+
+    /// Runs every repair whose time has come.
+    async fn repair_due(&self) -> Result<(), CloseReason> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        {
+            let mut shared = lock(&self.shared);
+            while let Some(Reverse((at, _))) = shared.repairs.peek() {
+                if *at > now {
+                    break;
+                }
+                if let Some(Reverse((_, key))) = shared.repairs.pop() {
+                    if !due.contains(&key) {
+                        due.push(key);
                     }
                 }
             }
         }
-        // The layer is gone: nothing more can reach this connection.
-        Ok(CloseReason::Shutdown)
+        for key in due {
+            if let Some(at) = self.repair(&key).await? {
+                lock(&self.shared).repairs.push(Reverse((at, key)));
+            }
+        }
+        Ok(())
     }
+
+    /// Closes a gap from the store if it has waited its grace. Returns when to look again, if
+    /// the gap is still open.
+    async fn repair(&self, key: &Key) -> Result<Option<Instant>, CloseReason> {
+        let inner = &self.inner;
+        let grace = inner.config.gap_grace;
+        let now = Instant::now();
+        let (conversation, after, upto, generation) = {
+            let mut shared = lock(&self.shared);
+            let Some((sequencer, generation)) = sequencer_of(&mut shared, key) else {
+                return Ok(None);
+            };
+            let Some(since) = sequencer.gap_since() else {
+                return Ok(None);
+            };
+            if now < since + grace {
+                return Ok(Some(since + grace));
+            }
+            let Some((after, upto)) = sequencer.missing() else {
+                return Ok(None);
+            };
+            let conversation = match key {
+                Key::Room(room) => Conversation::room(room.as_str()),
+                Key::Direct(partner) => Conversation::direct(&self.user, partner),
+            };
+            (conversation, after, upto, generation)
+        };
+        // Pace the repair by what the client is taking: never fill its queue with history.
+        let room = self
+            .out
+            .capacity()
+            .saturating_sub(self.sequencer_capacity() + REPAIR_HEADROOM);
+        if room == 0 {
+            return Ok(Some(now + REPAIR_PACE));
+        }
+        let wanted = usize::try_from(upto - after).unwrap_or(usize::MAX);
+        let limit = wanted.min(room).min(REPAIR_PAGE);
+        let page = match inner.store.after(&conversation, after, limit).await {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::warn!(%error, user = self.user, "gap repair failed; retrying");
+                return Ok(Some(Instant::now() + REPAIR_RETRY));
+            }
+        };
+        let now = Instant::now();
+        let complete_through = (!page.more).then_some(page.last_id);
+        let mut shared = lock(&self.shared);
+        let own = match key {
+            Key::Direct(partner) => shared
+                .directs
+                .get(partner)
+                .map(|direct| direct.own.clone())
+                .unwrap_or_default(),
+            Key::Room(_) => BTreeSet::new(),
+        };
+        let stored: Vec<(u64, Frame)> = page
+            .messages
+            .into_iter()
+            .map(|message| (message.id, self.repaired_frame(key, &own, message)))
+            .collect();
+        let Some((sequencer, current)) = sequencer_of(&mut shared, key) else {
+            return Ok(None);
+        };
+        if current != generation {
+            return Ok(None);
+        }
+        sequencer.fill(stored, complete_through, now, &mut |frame| self.push(frame))?;
+        let open = sequencer.gap_since().is_some();
+        let delivered = sequencer.delivered();
+        if let Key::Direct(partner) = key {
+            if let Some(direct) = shared.directs.get_mut(partner) {
+                direct.own.retain(|id| *id > delivered);
+            }
+        }
+        tracing::debug!(
+            user = self.user,
+            ?key,
+            after,
+            delivered,
+            "gap repaired from the store"
+        );
+        Ok(open.then(|| now + REPAIR_PACE))
+    }
+
+    /// The frame a stored message makes for this connection (`None`: its own direct message).
+    fn repaired_frame(&self, key: &Key, own: &BTreeSet<u64>, message: StoredMessage) -> Frame {
+        match key {
+            Key::Room(room) => Some(room_view(room, message).encode()),
+            Key::Direct(_) => {
+                if message.from == self.user && own.contains(&message.id) {
+                    None
+                } else {
+                    Some(direct_view(message).encode())
+                }
+            }
+        }
+    }
+}
+
+/// The sequencer of a conversation and the generation of its room (0 for direct ones), if the
+/// connection still has it live.
+fn sequencer_of<'a>(shared: &'a mut Shared, key: &Key) -> Option<(&'a mut Sequencer, u64)> {
+    match key {
+        Key::Room(room) => match shared.rooms.get_mut(room) {
+            Some(Room {
+                generation,
+                state: RoomState::Live(sequencer),
+                ..
+            }) => Some((sequencer, *generation)),
+            _ => None,
+        },
+        Key::Direct(partner) => shared
+            .directs
+            .get_mut(partner)
+            .map(|direct| (&mut direct.sequencer, 0)),
+    }
+}
+
+/// The direct conversation with `partner`, its order starting where it stood when the
+/// connection opened.
+fn direct_entry<'a>(
+    directs: &'a mut HashMap<String, Direct>,
+    heads: &mut HashMap<String, u64>,
+    partner: &str,
+    capacity: usize,
+) -> &'a mut Direct {
+    directs.entry(partner.to_owned()).or_insert_with(|| Direct {
+        sequencer: Sequencer::new(heads.remove(partner).unwrap_or(0), capacity),
+        own: BTreeSet::new(),
+    })
 }

@@ -1,12 +1,14 @@
 //! How the engine wraps an encoded frame for the channel layer, and the group names it uses.
 //!
 //! A layer message is a small header followed by the wire frame, exactly as the client will get
-//! it. The header tells the receiving connection what the frame is for (a room, the user, presence
-//! watchers, or a control order) and whom to skip (the sending user or the sending connection), so
-//! one `group_send` serves every recipient and each one only slices the frame out, zero-copy.
+//! it. The header tells the receiving connection what the frame is for and how to order it, and
+//! whom to skip, so one `group_send` serves every recipient and each one only slices the frame
+//! out, zero-copy.
 //!
-//! Layout: `kind` (1 byte), message `id` (8 bytes, big-endian; 0 when none), then three
-//! length-prefixed (1 byte) strings: excluded user, excluded connection, room; then the frame.
+//! Layout: `kind` (1 byte), message `id` (8 bytes, big-endian; 0 when the frame is no stored
+//! message), edge `version` (8 bytes; 0 when the frame is no membership or presence edge), then
+//! four length-prefixed (1 byte) strings: excluded user, excluded connection, and two names whose
+//! meaning depends on the kind (see [`Envelope`]'s constructors); then the frame.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -16,9 +18,11 @@ pub(crate) const PRESENCE_GROUP: &str = "presence";
 /// What a layer message is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
-    /// A frame for a room's connections (checked against the connection's joined rooms).
+    /// For a room's connections: a message (with an id), or an event (typing, read, member).
     Room,
-    /// A frame for all connections of a user.
+    /// A direct message, ordered within its pair of users.
+    Direct,
+    /// Anything else for all connections of a user (typing and read receipts between two users).
     User,
     /// A presence event for watching connections.
     Presence,
@@ -30,6 +34,7 @@ impl Kind {
     fn byte(self) -> u8 {
         match self {
             Self::Room => b'R',
+            Self::Direct => b'D',
             Self::User => b'U',
             Self::Presence => b'P',
             Self::Kick => b'K',
@@ -39,6 +44,7 @@ impl Kind {
     fn from_byte(byte: u8) -> Option<Self> {
         Some(match byte {
             b'R' => Self::Room,
+            b'D' => Self::Direct,
             b'U' => Self::User,
             b'P' => Self::Presence,
             b'K' => Self::Kick,
@@ -50,12 +56,13 @@ impl Kind {
 /// A layer message to build.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Envelope<'a> {
-    pub(crate) kind: Kind,
-    /// The message id, so a joining connection can drop live copies of what its history holds.
-    pub(crate) id: u64,
-    pub(crate) exclude_user: &'a str,
-    pub(crate) exclude_connection: &'a str,
-    pub(crate) room: &'a str,
+    kind: Kind,
+    id: u64,
+    version: u64,
+    exclude_user: &'a str,
+    exclude_connection: &'a str,
+    first: &'a str,
+    second: &'a str,
 }
 
 impl<'a> Envelope<'a> {
@@ -63,17 +70,57 @@ impl<'a> Envelope<'a> {
         Self {
             kind,
             id: 0,
+            version: 0,
             exclude_user: "",
             exclude_connection: "",
-            room: "",
+            first: "",
+            second: "",
         }
     }
 
-    pub(crate) fn room(room: &'a str, id: u64) -> Self {
+    /// A stored message of `room`.
+    pub(crate) fn room_message(room: &'a str, id: u64) -> Self {
         Self {
-            room,
+            first: room,
             id,
             ..Self::new(Kind::Room)
+        }
+    }
+
+    /// An event in `room` that is neither a message nor an edge (typing, read).
+    pub(crate) fn room_event(room: &'a str) -> Self {
+        Self {
+            first: room,
+            ..Self::new(Kind::Room)
+        }
+    }
+
+    /// `user`'s membership edge in `room`, with the registry's version.
+    pub(crate) fn member_edge(room: &'a str, user: &'a str, version: u64) -> Self {
+        Self {
+            first: room,
+            second: user,
+            version,
+            ..Self::new(Kind::Room)
+        }
+    }
+
+    /// A stored direct message from `from` to `to`.
+    pub(crate) fn direct(from: &'a str, to: &'a str, id: u64) -> Self {
+        Self {
+            first: from,
+            second: to,
+            id,
+            ..Self::new(Kind::Direct)
+        }
+    }
+
+    /// `user`'s presence edge, with the registry's version.
+    pub(crate) fn presence(user: &'a str, version: u64) -> Self {
+        Self {
+            second: user,
+            version,
+            ..Self::new(Kind::Presence)
         }
     }
 
@@ -93,11 +140,17 @@ impl<'a> Envelope<'a> {
 
     /// Header and frame in one buffer: one copy of the frame per message, none per recipient.
     pub(crate) fn wrap(&self, frame: &[u8]) -> Bytes {
-        let strings = [self.exclude_user, self.exclude_connection, self.room];
-        let header: usize = 9 + strings.iter().map(|s| 1 + s.len()).sum::<usize>();
+        let strings = [
+            self.exclude_user,
+            self.exclude_connection,
+            self.first,
+            self.second,
+        ];
+        let header: usize = 17 + strings.iter().map(|s| 1 + s.len()).sum::<usize>();
         let mut buf = BytesMut::with_capacity(header + frame.len());
         buf.put_u8(self.kind.byte());
         buf.put_u64(self.id);
+        buf.put_u64(self.version);
         for s in strings {
             // Names are at most 100 bytes (validated before they get here); cut defensively.
             let s = &s.as_bytes()[..s.len().min(255)];
@@ -114,9 +167,13 @@ impl<'a> Envelope<'a> {
 pub(crate) struct Received {
     pub(crate) kind: Kind,
     pub(crate) id: u64,
+    pub(crate) version: u64,
     pub(crate) exclude_user: Bytes,
     pub(crate) exclude_connection: Bytes,
-    pub(crate) room: Bytes,
+    /// The room (room kinds) or the sender (direct messages).
+    pub(crate) first: Bytes,
+    /// The member (membership edges), the recipient (direct messages) or the user (presence).
+    pub(crate) second: Bytes,
     /// The wire frame, a slice of the shared message.
     pub(crate) frame: Bytes,
 }
@@ -125,7 +182,8 @@ pub(crate) struct Received {
 pub(crate) fn unwrap(message: &Bytes) -> Option<Received> {
     let kind = Kind::from_byte(*message.first()?)?;
     let id = u64::from_be_bytes(message.get(1..9)?.try_into().ok()?);
-    let mut at = 9;
+    let version = u64::from_be_bytes(message.get(9..17)?.try_into().ok()?);
+    let mut at = 17;
     let mut field = || {
         let len = usize::from(*message.get(at)?);
         let start = at + 1;
@@ -138,13 +196,16 @@ pub(crate) fn unwrap(message: &Bytes) -> Option<Received> {
     };
     let exclude_user = field()?;
     let exclude_connection = field()?;
-    let room = field()?;
+    let first = field()?;
+    let second = field()?;
     Some(Received {
         kind,
         id,
+        version,
         exclude_user,
         exclude_connection,
-        room,
+        first,
+        second,
         frame: message.slice(at..),
     })
 }
@@ -189,17 +250,25 @@ mod tests {
 
     #[test]
     fn round_trip_shares_the_frame() {
-        let message = Envelope::room("lobby", 42)
+        let message = Envelope::member_edge("lobby", "bob", 7)
             .excluding_user("alice")
             .excluding_connection("conn.x")
             .wrap(br#"{"type":"pong"}"#);
         let got = unwrap(&message).unwrap();
         assert_eq!(got.kind, Kind::Room);
-        assert_eq!(got.id, 42);
+        assert_eq!((got.id, got.version), (0, 7));
         assert_eq!(&got.exclude_user[..], b"alice");
         assert_eq!(&got.exclude_connection[..], b"conn.x");
-        assert_eq!(&got.room[..], b"lobby");
+        assert_eq!(&got.first[..], b"lobby");
+        assert_eq!(&got.second[..], b"bob");
         assert_eq!(&got.frame[..], br#"{"type":"pong"}"#);
+
+        let direct = unwrap(&Envelope::direct("alice", "bob", 42).wrap(b"{}")).unwrap();
+        assert_eq!((direct.kind, direct.id), (Kind::Direct, 42));
+        assert_eq!(
+            (&direct.first[..], &direct.second[..]),
+            (&b"alice"[..], &b"bob"[..])
+        );
     }
 
     #[test]
@@ -207,8 +276,9 @@ mod tests {
         for bad in [
             &b""[..],
             b"R",
-            b"X00000000\0\0\0",
-            b"R\0\0\0\0\0\0\0\0\x05ab",
+            b"X0000000000000000\0\0\0\0",
+            b"R\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\x05ab",
+            b"R\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
         ] {
             assert!(unwrap(&Bytes::copy_from_slice(bad)).is_none());
         }

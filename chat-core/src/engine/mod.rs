@@ -68,9 +68,12 @@
 //! ```
 
 mod connection;
-mod dedup;
+mod edges;
 mod envelope;
+mod node;
+mod outbox;
 mod rate;
+mod sequencer;
 
 use std::fmt;
 use std::sync::Arc;
@@ -78,21 +81,21 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{Sink, Stream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, OnceCell};
 
 use crate::auth::{AuthError, Authenticator, Handshake};
 use crate::config::ChatConfig;
 use crate::layer::{ChannelLayer, InMemoryChannelLayer, LayerConfig, LayerError};
 use crate::names::{is_valid_room_name, is_valid_user_name};
 use crate::policy::{AllowAll, Policy};
-use crate::protocol::{ErrorCode, MessageView, PresenceStatus, ServerFrame};
-use crate::registry::{InMemoryRegistry, Registry, RegistryError};
+use crate::protocol::{ErrorCode, MemberEvent, MessageView, PresenceStatus, ServerFrame};
+use crate::registry::{Departure, InMemoryRegistry, Registry, RegistryError};
 use crate::store::{
     Conversation, HistoryStore, InMemoryHistoryStore, NewMessage, StoreError, StoredMessage,
 };
 
-use dedup::Dedup;
 use envelope::{room_group, user_group, Envelope, Kind, PRESENCE_GROUP};
+use outbox::{AckTo, Job, Outbox};
 
 /// A frame from the client, as the adapter received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,8 +142,12 @@ pub enum CloseReason {
     Disconnected,
     /// The server is shutting down (close 1001).
     Shutdown,
-    /// A backend failed while setting the connection up (close 1011).
+    /// A backend failed while setting the connection up, or while keeping its messages in order
+    /// (close 1011).
     Unavailable,
+    /// This node's registry lease lapsed and other nodes removed its connections; the client
+    /// should reconnect (close 1012).
+    LeaseLost,
     /// Nothing came from the peer, not even a pong, for `idle_timeout` (close 1001).
     PeerTimeout,
     /// Writing to the socket failed.
@@ -158,6 +165,7 @@ impl CloseReason {
             Self::Disconnected => Some((4001, "disconnected by the server")),
             Self::Shutdown => Some((1001, "server shutting down")),
             Self::Unavailable => Some((1011, "backend unavailable")),
+            Self::LeaseLost => Some((1012, "node lost its registry lease, reconnect")),
             Self::PeerTimeout => Some((1001, "no response to ping")),
         }
     }
@@ -298,7 +306,7 @@ impl fmt::Debug for ChatBuilder {
 }
 
 impl ChatBuilder {
-    /// The channel layer connections talk through.
+    /// The channel layer connections talk through. Nodes of one deployment share it.
     ///
     /// The engine names each connection's channel `conn.*`; give those channels a capacity of at
     /// least [`ChatConfig::outbound_queue`] (`LayerConfig::with_channel_capacity("conn.*", n)`),
@@ -309,13 +317,13 @@ impl ChatBuilder {
         self
     }
 
-    /// The room and presence registry.
+    /// The room and presence registry. Nodes of one deployment share it.
     pub fn registry(mut self, registry: Arc<dyn Registry>) -> Self {
         self.registry = registry;
         self
     }
 
-    /// The history store.
+    /// The history store, which also hands out message ids. Nodes of one deployment share it.
     pub fn store(mut self, store: Arc<dyn HistoryStore>) -> Self {
         self.store = store;
         self
@@ -339,9 +347,11 @@ impl ChatBuilder {
         self
     }
 
-    /// The chat server.
+    /// The chat server. Its background work (the registry lease, sweeping up after dead nodes,
+    /// retrying failed publishes) starts with the first connection.
     pub fn build(self) -> Chat {
         let (shutdown, _) = watch::channel(false);
+        let (lease_lost, _) = watch::channel(0);
         let layer = self.layer.unwrap_or_else(|| {
             let capacity = self.config.outbound_queue;
             let config = LayerConfig::default().with_channel_capacity("conn.*", capacity);
@@ -349,23 +359,26 @@ impl ChatBuilder {
         });
         Chat {
             inner: Arc::new(Inner {
-                dedup: Dedup::new(self.config.dedup_window, self.config.dedup_capacity),
                 layer,
                 registry: self.registry,
                 store: self.store,
                 policy: self.policy,
                 authenticator: self.authenticator,
+                node: crate::layer::unique_channel_name("node"),
+                outbox: Outbox::new(self.config.outbox_capacity),
                 config: self.config,
                 shutdown,
-                user_locks: (0..USER_LOCK_STRIPES)
-                    .map(|_| tokio::sync::Mutex::new(()))
-                    .collect(),
+                lease_lost,
+                started: OnceCell::new(),
             }),
         }
     }
 }
 
 /// The chat server and the host's handle to it. Cheap to clone; clones share everything.
+///
+/// One `Chat` is one node. Several nodes (in one process or many) that share a channel layer, a
+/// registry and a store behave as one server: `docs/ordering.md` says what holds between them.
 #[derive(Clone)]
 pub struct Chat {
     inner: Arc<Inner>,
@@ -374,6 +387,7 @@ pub struct Chat {
 impl fmt::Debug for Chat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Chat")
+            .field("node", &self.inner.node)
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
@@ -386,13 +400,14 @@ pub(crate) struct Inner {
     pub(crate) policy: Arc<dyn Policy>,
     authenticator: Arc<dyn Authenticator>,
     pub(crate) config: ChatConfig,
-    pub(crate) dedup: Dedup,
+    /// This node's name in the registry.
+    pub(crate) node: String,
+    pub(crate) outbox: Outbox,
     pub(crate) shutdown: watch::Sender<bool>,
-    /// Striped per-user locks that keep each user's edge changes (a registry update and the
-    /// `presence`/`member` event it triggers) in order: without them a reload's "offline" could
-    /// be announced after the new connection's "online". Held across those awaits on purpose;
-    /// striped so unrelated users rarely wait on each other.
-    user_locks: Box<[tokio::sync::Mutex<()>]>,
+    /// Bumped each time the node finds its lease was swept; connections opened before close.
+    pub(crate) lease_lost: watch::Sender<u64>,
+    /// Set once the node holds its lease and its background tasks run.
+    started: OnceCell<()>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -426,16 +441,41 @@ pub(crate) fn direct_view(message: StoredMessage) -> MessageView {
     }
 }
 
-/// How many per-user lock stripes a `Chat` keeps.
-const USER_LOCK_STRIPES: usize = 64;
+/// The `ack` for a stored and published message.
+pub(crate) fn ack_frame(reference: Option<&str>, id: u64) -> Bytes {
+    ServerFrame::Ack {
+        reference: reference.map(str::to_owned),
+        id,
+    }
+    .encode()
+}
+
+/// The connection sending a direct message: its channel name, its outbound queue, and what to
+/// call with the id once the message is stored.
+pub(crate) type DirectSender<'a> = (&'a str, &'a mpsc::Sender<Bytes>, &'a (dyn Fn(u64) + Sync));
+
+/// A message stored and handed to the layer, or stored and waiting in the outbox.
+pub(crate) struct Publication {
+    pub(crate) message: StoredMessage,
+    /// `false` when the layer refused it and the outbox retries it (the `ack` comes then).
+    pub(crate) delivered: bool,
+}
 
 impl Inner {
-    /// The lock that orders `user`'s presence and membership edges.
-    pub(crate) fn user_lock(&self, user: &str) -> &tokio::sync::Mutex<()> {
-        use std::hash::{BuildHasher, BuildHasherDefault};
-        let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-            .hash_one(user);
-        &self.user_locks[(hash % self.user_locks.len() as u64) as usize]
+    /// Takes this node's registry lease and starts its background tasks, once.
+    pub(crate) async fn start(self: &Arc<Self>) -> Result<(), ChatError> {
+        self.started
+            .get_or_try_init(|| async {
+                self.registry
+                    .heartbeat(&self.node, self.config.node_lease)
+                    .await?;
+                let period = (self.config.node_lease / 3).max(std::time::Duration::from_millis(10));
+                tokio::spawn(node::run(Arc::downgrade(self), period));
+                self.outbox.start(Arc::downgrade(self));
+                Ok::<_, ChatError>(())
+            })
+            .await?;
+        Ok(())
     }
 
     /// Checks a body against the protocol's rules.
@@ -451,67 +491,178 @@ impl Inner {
         Ok(())
     }
 
-    /// Stores a room message, then fans it out to the room: encoded once for every recipient.
+    /// Refuses a new message while the layer is failing, before anything is stored.
+    fn check_layer(&self) -> Result<(), ChatError> {
+        if self.outbox.failing() {
+            return Err(LayerError::Unavailable(
+                "the channel layer is failing; nothing was stored".into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Hands `sends` to the layer; what fails goes to the outbox, which sends `ack` once it is
+    /// through. `true` when everything went out now.
+    async fn publish(&self, sends: Vec<(String, Bytes)>, ack: Option<AckTo>) -> bool {
+        let mut failed = Vec::new();
+        for (group, message) in sends {
+            if let Err(error) = self.layer.group_send(&group, message.clone()).await {
+                tracing::warn!(%error, group, "publish failed; retrying in the background");
+                failed.push((group, message));
+            }
+        }
+        if failed.is_empty() {
+            return true;
+        }
+        if !self.outbox.push(Job { sends: failed, ack }) {
+            tracing::error!(
+                "publish retry queue full: a stored message reaches clients only by gap repair and resume"
+            );
+        }
+        false
+    }
+
+    /// Stores a room message (or finds the earlier copy of a retry), then publishes it to the
+    /// room, encoded once for every recipient. `ack_to` is the sending connection, which gets
+    /// its `ack` from the outbox if the publish has to be retried.
     pub(crate) async fn publish_room(
         &self,
         room: &str,
         from: &str,
         body: &str,
-    ) -> Result<StoredMessage, ChatError> {
+        reference: Option<&str>,
+        ack_to: Option<&mpsc::Sender<Bytes>>,
+    ) -> Result<Publication, ChatError> {
+        self.check_layer()?;
         let message = NewMessage {
             from,
             to: None,
             body,
             ts: now_ms(),
+            reference,
         };
         let stored = self
             .store
             .append(&Conversation::room(room), message)
-            .await?;
+            .await?
+            .message;
+        // A retry is published again: the first attempt may have died before publishing, and
+        // connections drop a copy they already have.
         let frame = room_view(room, stored.clone()).encode();
-        let envelope = Envelope::room(room, stored.id).wrap(&frame);
-        self.layer.group_send(&room_group(room), envelope).await?;
-        Ok(stored)
+        let envelope = Envelope::room_message(room, stored.id).wrap(&frame);
+        let ack = ack_to.map(|connection| AckTo {
+            connection: connection.clone(),
+            frame: ack_frame(reference, stored.id),
+        });
+        let delivered = self.publish(vec![(room_group(room), envelope)], ack).await;
+        Ok(Publication {
+            message: stored,
+            delivered,
+        })
     }
 
     /// Stores a direct message, then delivers it to every connection of `to` and of `from`
-    /// (except `from_connection`, the one that sent it).
+    /// except `sender`, the connection that sent it, which gets an `ack` instead and is told the
+    /// id between storing and publishing.
     pub(crate) async fn publish_direct(
         &self,
         from: &str,
         to: &str,
         body: &str,
-        from_connection: &str,
-    ) -> Result<StoredMessage, ChatError> {
+        reference: Option<&str>,
+        sender: Option<DirectSender<'_>>,
+    ) -> Result<Publication, ChatError> {
+        self.check_layer()?;
         let message = NewMessage {
             from,
             to: Some(to),
             body,
             ts: now_ms(),
+            reference,
         };
         let stored = self
             .store
             .append(&Conversation::direct(from, to), message)
-            .await?;
+            .await?
+            .message;
+        if let Some((_, _, stored_as)) = sender {
+            stored_as(stored.id);
+        }
         let frame = direct_view(stored.clone()).encode();
-        let to_them = Envelope::new(Kind::User).wrap(&frame);
-        self.layer.group_send(&user_group(to), to_them).await?;
-        let to_my_tabs = Envelope::new(Kind::User)
-            .excluding_connection(from_connection)
-            .wrap(&frame);
-        self.layer.group_send(&user_group(from), to_my_tabs).await?;
-        Ok(stored)
+        let envelope = Envelope::direct(from, to, stored.id);
+        let to_them = envelope.wrap(&frame);
+        let to_my_tabs = match sender {
+            Some((connection, _, _)) => envelope.excluding_connection(connection).wrap(&frame),
+            None => to_them.clone(),
+        };
+        let ack = sender.map(|(_, connection, _)| AckTo {
+            connection: connection.clone(),
+            frame: ack_frame(reference, stored.id),
+        });
+        let sends = vec![(user_group(to), to_them), (user_group(from), to_my_tabs)];
+        let delivered = self.publish(sends, ack).await;
+        Ok(Publication {
+            message: stored,
+            delivered,
+        })
     }
 
-    pub(crate) async fn announce_presence(&self, user: &str, status: PresenceStatus) {
+    /// Tells presence watchers about `user`'s edge.
+    pub(crate) async fn announce_presence(&self, user: &str, status: PresenceStatus, version: u64) {
         let frame = ServerFrame::Presence {
             user: user.to_owned(),
             status,
         }
         .encode();
-        let envelope = Envelope::new(Kind::Presence).wrap(&frame);
+        let envelope = Envelope::presence(user, version).wrap(&frame);
         if let Err(error) = self.layer.group_send(PRESENCE_GROUP, envelope).await {
             tracing::warn!(%error, user, "presence event not delivered");
+        }
+    }
+
+    /// Tells `room` about `user`'s membership edge (a join is not told to the user's own tabs).
+    pub(crate) async fn announce_member(
+        &self,
+        room: &str,
+        user: &str,
+        event: MemberEvent,
+        version: u64,
+    ) {
+        let frame = ServerFrame::Member {
+            room: room.to_owned(),
+            user: user.to_owned(),
+            event,
+        }
+        .encode();
+        let mut envelope = Envelope::member_edge(room, user, version);
+        if event == MemberEvent::Join {
+            envelope = envelope.excluding_user(user);
+        }
+        if let Err(error) = self
+            .layer
+            .group_send(&room_group(room), envelope.wrap(&frame))
+            .await
+        {
+            tracing::warn!(%error, room, user, "member event not delivered");
+        }
+    }
+
+    /// Announces an edge that a departure (a closed connection, a swept node) crossed.
+    pub(crate) async fn announce_departure(&self, departure: &Departure) {
+        match departure {
+            Departure::Left {
+                room,
+                user,
+                version,
+            } => {
+                self.announce_member(room, user, MemberEvent::Leave, *version)
+                    .await;
+            }
+            Departure::Offline { user, version } => {
+                self.announce_presence(user, PresenceStatus::Offline, *version)
+                    .await;
+            }
         }
     }
 }
@@ -541,6 +692,11 @@ impl Chat {
     /// The engine's limits.
     pub fn config(&self) -> &ChatConfig {
         &self.inner.config
+    }
+
+    /// This node's name in the registry (random, unique per `Chat`).
+    pub fn node_id(&self) -> &str {
+        &self.inner.node
     }
 
     /// The user a handshake proves, or why not (the adapter answers 401).
@@ -590,7 +746,8 @@ impl Chat {
     }
 
     /// Posts `body` to `room` as `from` (a bot, a system notice): stored, then delivered to every
-    /// connection in the room like any message.
+    /// connection in the room like any message. If the channel layer fails after the message was
+    /// stored, it is still returned: delivery is retried in the background.
     pub async fn publish(
         &self,
         room: &str,
@@ -600,11 +757,16 @@ impl Chat {
         check_room(room)?;
         check_user(from)?;
         self.inner.check_body(body)?;
-        self.inner.publish_room(room, from, body).await
+        self.inner.start().await?;
+        let published = self
+            .inner
+            .publish_room(room, from, body, None, None)
+            .await?;
+        Ok(published.message)
     }
 
     /// Sends `body` privately from `from` to `to`: stored, then delivered to every connection of
-    /// both users.
+    /// both users (retried in the background if the layer fails after storing).
     pub async fn send_direct(
         &self,
         from: &str,
@@ -617,18 +779,23 @@ impl Chat {
             return Err(ChatError::InvalidTarget);
         }
         self.inner.check_body(body)?;
-        self.inner.publish_direct(from, to, body, "").await
+        self.inner.start().await?;
+        let published = self
+            .inner
+            .publish_direct(from, to, body, None, None)
+            .await?;
+        Ok(published.message)
     }
 
-    /// Every user with at least one live connection, sorted.
+    /// Every user with at least one live connection on any node, sorted.
     pub async fn online_users(&self) -> Result<Vec<String>, ChatError> {
-        Ok(self.inner.registry.online().await?)
+        Ok(self.inner.registry.online().await?.users)
     }
 
     /// The users in `room`, sorted.
     pub async fn room_members(&self, room: &str) -> Result<Vec<String>, ChatError> {
         check_room(room)?;
-        Ok(self.inner.registry.members(room).await?)
+        Ok(self.inner.registry.members(room).await?.users)
     }
 
     /// Closes every connection of `user` (close code 4001), on every node.

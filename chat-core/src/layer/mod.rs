@@ -36,6 +36,8 @@ pub use memory::InMemoryChannelLayer;
 pub use names::{validate_channel_name, validate_group_name, MAX_NAME_LEN};
 pub use subscription::Subscription;
 
+pub(crate) use subscription::unique_channel_name;
+
 /// What can go wrong talking to a channel layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LayerError {

@@ -33,7 +33,9 @@ impl Client {
     pub async fn connect_to(chat: &Chat, user: &str, route: Route) -> Self {
         let mut client = Self::connect_raw(chat, user, route, 1024).await;
         let welcome = client.recv().await;
-        assert_eq!(welcome, json!({"type": "welcome", "user": user}));
+        assert_eq!(welcome["type"], "welcome");
+        assert_eq!(welcome["user"], user);
+        assert!(welcome["epoch"].as_str().is_some_and(|e| !e.is_empty()));
         client
     }
 

@@ -1,0 +1,143 @@
+//! Rooms and presence: which connections of which users are in which room, and who is online,
+//! across every node of a deployment.
+//!
+//! The multi-tab rule lives here: a user is online, and a member of a room, until their *last*
+//! connection leaves. Every change reports whether it crossed that edge, so the engine fires
+//! `member` and `presence` events exactly on the edges and never once per tab.
+//!
+//! Two mechanisms make the registry safe to share between nodes:
+//!
+//! - **Versions.** Every edge gets a number from one counter that only grows, and every listing
+//!   says which number it is as of. Events travel to clients by different paths and may overtake
+//!   each other; a connection drops any event whose version is older than what it already knows
+//!   about that user, so a reload's `offline` can never land after the new tab's `online`.
+//! - **Leases.** Each node renews a lease ([`Registry::heartbeat`]); its connections exist only
+//!   under it. A node that dies without saying goodbye stops renewing, and the next
+//!   [`Registry::sweep`] by any other node removes its connections and returns the edges that
+//!   crossed, so someone announces the `offline` and `leave` events within the lease.
+//!
+//! The engine speaks to the registry only through the [`Registry`] trait. [`InMemoryRegistry`] is
+//! the one-process implementation (also shared by the nodes of a multi-node test). Every backend
+//! is expected to pass the conformance suite in `chat_core::registry::conformance` (cargo feature
+//! `testing`).
+
+mod memory;
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use memory::InMemoryRegistry;
+
+/// A registry failure: the change did not happen, and may be retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("registry unavailable: {0}")]
+pub struct RegistryError(pub String);
+
+/// A change crossed the user's first- or last-connection edge; the number orders it among all
+/// edges of the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Edge {
+    /// Greater than the version of every edge before it.
+    pub version: u64,
+}
+
+/// An edge that a connection's departure crossed: the user's last connection left a room, or the
+/// user's last connection closed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Departure {
+    /// The user is no longer in `room`.
+    Left {
+        /// The room.
+        room: String,
+        /// The user.
+        user: String,
+        /// The edge's version.
+        version: u64,
+    },
+    /// The user has no connection left anywhere.
+    Offline {
+        /// The user.
+        user: String,
+        /// The edge's version.
+        version: u64,
+    },
+}
+
+/// A sorted list of users, and the version it is as of: it reflects every edge up to `version`
+/// and none after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// The users, sorted.
+    pub users: Vec<String>,
+    /// The newest edge version the listing reflects.
+    pub version: u64,
+}
+
+/// What a [`Registry::heartbeat`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// The node had no lease, so one was made. On any heartbeat but a node's first this means
+    /// its lease lapsed and was swept: every connection it had registered is gone.
+    Created,
+    /// The node's lease was renewed (even if it had lapsed, as long as nobody swept it yet).
+    Renewed,
+}
+
+/// Membership and presence, connection by connection, under node leases.
+///
+/// Connections are named by strings unique across the deployment (the engine uses its channel
+/// names), nodes likewise. Every method is atomic: concurrent callers on any node see each change
+/// whole, and edges are reported to exactly one caller.
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Creates or renews `node`'s lease for `ttl` from now.
+    async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<Lease, RegistryError>;
+
+    /// Records a new connection of `user` under `node`'s lease; `Some` when it is the user's
+    /// first (they came online). Fails when `node` holds no lease.
+    async fn connect(
+        &self,
+        node: &str,
+        user: &str,
+        connection: &str,
+    ) -> Result<Option<Edge>, RegistryError>;
+
+    /// Forgets a connection and its room memberships, and returns the edges that crossed (its
+    /// rooms' `Left` first, then `Offline`). An unknown connection (already swept) crosses none.
+    async fn disconnect(
+        &self,
+        user: &str,
+        connection: &str,
+    ) -> Result<Vec<Departure>, RegistryError>;
+
+    /// Puts a connection in a room; `Some` when it is the user's first connection there. Fails
+    /// when the connection is not registered (never connected, or swept).
+    async fn join(
+        &self,
+        room: &str,
+        user: &str,
+        connection: &str,
+    ) -> Result<Option<Edge>, RegistryError>;
+
+    /// Takes a connection out of a room; `Some` when it was the user's last connection there.
+    async fn leave(
+        &self,
+        room: &str,
+        user: &str,
+        connection: &str,
+    ) -> Result<Option<Edge>, RegistryError>;
+
+    /// The users with at least one connection in `room`.
+    async fn members(&self, room: &str) -> Result<Listing, RegistryError>;
+
+    /// The users with at least one live connection.
+    async fn online(&self) -> Result<Listing, RegistryError>;
+
+    /// Removes every connection of every node whose lease has lapsed, and returns the edges that
+    /// crossed, each to exactly one caller however many nodes sweep at once.
+    async fn sweep(&self) -> Result<Vec<Departure>, RegistryError>;
+}
