@@ -18,7 +18,9 @@
 //! `group_send` to ten thousand members copies no payload and serializes nothing per member.
 //!
 //! Implementations: [`InMemoryChannelLayer`] for one process. Every implementation is expected to
-//! pass the conformance suite in `chat_core::layer::conformance` (cargo feature `testing`).
+//! pass the conformance suite in `chat_core::layer::conformance` (cargo feature `testing`). The
+//! same feature has `FaultyLayer`, which wraps any layer and delays, loses or refuses messages on
+//! command, for testing what sits above a layer that misbehaves.
 
 mod config;
 mod memory;
@@ -27,11 +29,15 @@ mod subscription;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
+#[cfg(feature = "testing")]
+mod faults;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use config::{CapacityPattern, LayerConfig};
+#[cfg(feature = "testing")]
+pub use faults::FaultyLayer;
 pub use memory::InMemoryChannelLayer;
 pub use names::{validate_channel_name, validate_group_name, MAX_NAME_LEN};
 pub use subscription::Subscription;

@@ -174,6 +174,16 @@ where
         (vec![1, 2], false, 10)
     );
     assert_eq!(
+        page(store.before(&room, Some(4), 2).await.unwrap()),
+        (vec![2, 3], true, 10),
+        "one older message left is more"
+    );
+    assert_eq!(
+        page(store.after(&room, 0, 9).await.unwrap()),
+        (vec![1, 2, 3, 4, 5, 6, 7, 8, 9], true, 10),
+        "one newer message left is more"
+    );
+    assert_eq!(
         page(store.before(&room, None, 10).await.unwrap()),
         (vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10], false, 10)
     );

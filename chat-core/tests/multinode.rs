@@ -1,0 +1,611 @@
+//! Several nodes in one process: each a `Chat` of its own, sharing one channel layer, one
+//! registry and one store, as the nodes of a deployment share Redis and a database. Each node
+//! reaches the layer through its own `FaultyLayer` (delays that make messages overtake each other,
+//! losses, outages) and the registry through a cable the test can cut (a node that dies without
+//! saying goodbye).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chat_core::layer::{FaultyLayer, InMemoryChannelLayer, LayerConfig};
+use chat_core::registry::{
+    Departure, Edge, InMemoryRegistry, Lease, Listing, Registry, RegistryError,
+};
+use chat_core::store::InMemoryHistoryStore;
+use chat_core::{Chat, ChatConfig};
+use common::Client;
+use serde_json::{json, Value};
+
+/// A node's connection to the shared registry, which the test can cut.
+struct Cable {
+    registry: Arc<InMemoryRegistry>,
+    cut: AtomicBool,
+}
+
+impl Cable {
+    fn check(&self) -> Result<(), RegistryError> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(RegistryError("cable cut".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Registry for Cable {
+    async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<Lease, RegistryError> {
+        self.check()?;
+        self.registry.heartbeat(node, ttl).await
+    }
+    async fn connect(
+        &self,
+        node: &str,
+        user: &str,
+        c: &str,
+    ) -> Result<Option<Edge>, RegistryError> {
+        self.check()?;
+        self.registry.connect(node, user, c).await
+    }
+    async fn disconnect(&self, user: &str, c: &str) -> Result<Vec<Departure>, RegistryError> {
+        self.check()?;
+        self.registry.disconnect(user, c).await
+    }
+    async fn join(&self, room: &str, user: &str, c: &str) -> Result<Option<Edge>, RegistryError> {
+        self.check()?;
+        self.registry.join(room, user, c).await
+    }
+    async fn leave(&self, room: &str, user: &str, c: &str) -> Result<Option<Edge>, RegistryError> {
+        self.check()?;
+        self.registry.leave(room, user, c).await
+    }
+    async fn members(&self, room: &str) -> Result<Listing, RegistryError> {
+        self.check()?;
+        self.registry.members(room).await
+    }
+    async fn online(&self) -> Result<Listing, RegistryError> {
+        self.check()?;
+        self.registry.online().await
+    }
+    async fn sweep(&self) -> Result<Vec<Departure>, RegistryError> {
+        self.check()?;
+        self.registry.sweep().await
+    }
+}
+
+struct Node {
+    chat: Chat,
+    layer: FaultyLayer,
+    cable: Arc<Cable>,
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn new(count: usize, config: ChatConfig) -> Self {
+        let capacity = config.outbound_queue;
+        let network = Arc::new(InMemoryChannelLayer::new(
+            LayerConfig::default().with_channel_capacity("conn.*", capacity),
+        ));
+        let registry = Arc::new(InMemoryRegistry::default());
+        let store = Arc::new(InMemoryHistoryStore::default());
+        let nodes = (0..count)
+            .map(|_| {
+                let layer = FaultyLayer::new(network.clone());
+                let cable = Arc::new(Cable {
+                    registry: Arc::clone(&registry),
+                    cut: AtomicBool::new(false),
+                });
+                let chat = Chat::builder()
+                    .layer(Arc::new(layer.clone()))
+                    .registry(cable.clone())
+                    .store(store.clone())
+                    .config(config.clone())
+                    .build();
+                Node { chat, layer, cable }
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    fn chat(&self, node: usize) -> &Chat {
+        &self.nodes[node].chat
+    }
+
+    /// Every node's layer delays each publish by up to `max`.
+    fn jitter(&self, max: Duration) {
+        for node in &self.nodes {
+            node.layer.delay_group_sends(max);
+        }
+    }
+
+    fn lose(&self, probability: f64) {
+        for node in &self.nodes {
+            node.layer.lose_group_sends(probability);
+        }
+    }
+}
+
+/// Limits that let a test send as fast as it likes.
+fn fast() -> ChatConfig {
+    ChatConfig {
+        rate_per_second: 10_000.0,
+        rate_burst: 10_000,
+        gap_grace: Duration::from_millis(100),
+        ..ChatConfig::default()
+    }
+}
+
+/// Reads frames until `count` room messages arrived, and returns them in arrival order.
+async fn messages(client: &mut Client, count: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let frame = client.recv().await;
+        if frame["type"] == "message" {
+            got.push(frame);
+        }
+    }
+    got
+}
+
+/// No further room message arrives for a while (other frames, such as members leaving, may).
+async fn no_more_messages(client: &mut Client) {
+    while let Ok(Some(frame)) = tokio::time::timeout(common::QUIET, client.try_recv()).await {
+        assert_ne!(
+            frame["type"], "message",
+            "{}: one message too many",
+            client.user
+        );
+    }
+}
+
+fn ids(frames: &[Value]) -> Vec<u64> {
+    frames.iter().map(|m| m["id"].as_u64().unwrap()).collect()
+}
+
+/// Sends every message of one sender, waiting for each ack; returns the acked ids.
+async fn send_all(client: &mut Client, room: &str, tag: &str, count: usize) -> Vec<u64> {
+    let mut acked = Vec::new();
+    let mut seen = Vec::new();
+    for i in 0..count {
+        let reference = format!("{tag}-{i}");
+        client
+            .send(json!({"type": "send", "room": room, "body": reference, "ref": reference}))
+            .await;
+        loop {
+            let frame = client.recv().await;
+            match frame["type"].as_str() {
+                Some("ack") if frame["ref"] == reference.as_str() => {
+                    acked.push(frame["id"].as_u64().unwrap());
+                    break;
+                }
+                Some("message") => seen.push(frame["id"].as_u64().unwrap()),
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        seen.windows(2).all(|pair| pair[0] < pair[1]),
+        "{tag}: the sender saw messages out of order: {seen:?}"
+    );
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_and_direct_messages_cross_nodes_and_stay_private() {
+    let cluster = Cluster::new(2, fast());
+    let mut alice = Client::connect(cluster.chat(0), "alice").await;
+    let mut bob = Client::connect(cluster.chat(1), "bob").await;
+    let mut carol = Client::connect(cluster.chat(1), "carol").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
+    alice.recv_type("member").await;
+
+    let id = alice.say("lobby", "hello from node 0").await;
+    let message = bob.recv_type("message").await;
+    assert_eq!(
+        (message["id"].as_u64(), &message["from"]),
+        (Some(id), &json!("alice"))
+    );
+
+    bob.send(json!({"type": "direct", "to": "alice", "body": "psst"}))
+        .await;
+    bob.recv_type("ack").await;
+    let direct = alice.recv_type("direct").await;
+    assert_eq!(
+        (&direct["from"], &direct["body"]),
+        (&json!("bob"), &json!("psst"))
+    );
+    carol.expect_silence().await;
+
+    let members = cluster.chat(1).room_members("lobby").await.unwrap();
+    assert_eq!(members, ["alice", "bob"]);
+    let online = cluster.chat(0).online_users().await.unwrap();
+    assert_eq!(online, ["alice", "bob", "carol"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_on_three_nodes_are_delivered_in_id_order_everywhere() {
+    let cluster = Cluster::new(3, fast());
+    // Publishes overtake each other by up to 3 ms, as they do between nodes.
+    cluster.jitter(Duration::from_millis(3));
+    let mut readers = Vec::new();
+    for node in 0..3 {
+        let mut reader = Client::connect(cluster.chat(node), &format!("reader{node}")).await;
+        reader.join("r").await;
+        readers.push(reader);
+    }
+    let (senders, each) = (3, 40);
+    let mut tasks = Vec::new();
+    for node in 0..senders {
+        let mut sender = Client::connect(cluster.chat(node), &format!("sender{node}")).await;
+        sender.join("r").await;
+        tasks.push(tokio::spawn(async move {
+            send_all(&mut sender, "r", &format!("s{node}"), each).await
+        }));
+    }
+    let mut acked = BTreeSet::new();
+    for task in tasks {
+        for id in task.await.unwrap() {
+            assert!(acked.insert(id), "id {id} acked twice");
+        }
+    }
+    let total = (senders * each) as u64;
+    assert_eq!(acked, (1..=total).collect(), "ids are unique and dense");
+    for reader in &mut readers {
+        let got = messages(reader, total as usize).await;
+        assert_eq!(
+            ids(&got),
+            (1..=total).collect::<Vec<_>>(),
+            "{} got the room out of order or incomplete",
+            reader.user
+        );
+        no_more_messages(reader).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_the_layer_lost_are_repaired_from_the_store_in_order() {
+    let cluster = Cluster::new(2, fast());
+    let mut readers = Vec::new();
+    for node in 0..2 {
+        let mut reader = Client::connect(cluster.chat(node), &format!("reader{node}")).await;
+        reader.join("r").await;
+        readers.push(reader);
+    }
+    let mut senders = Vec::new();
+    for node in 0..2 {
+        let mut sender = Client::connect(cluster.chat(node), &format!("sender{node}")).await;
+        sender.join("r").await;
+        senders.push(sender);
+    }
+    cluster.jitter(Duration::from_millis(2));
+    cluster.lose(0.25);
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(node, mut sender)| {
+            tokio::spawn(async move {
+                send_all(&mut sender, "r", &format!("s{node}"), 30).await;
+                sender
+            })
+        })
+        .collect();
+    let mut senders = Vec::new();
+    for task in tasks {
+        senders.push(task.await.unwrap());
+    }
+    let lost: u64 = cluster.nodes.iter().map(|node| node.layer.lost()).sum();
+    assert!(lost > 0, "the test lost nothing, so it proves nothing");
+    // A loss at the very end is only noticed when a later message arrives.
+    cluster.lose(0.0);
+    send_all(&mut senders[0], "r", "last", 1).await;
+    for reader in &mut readers {
+        let got = messages(reader, 61).await;
+        assert_eq!(ids(&got), (1..=61).collect::<Vec<_>>(), "{}", reader.user);
+        for message in &got[..60] {
+            let id = message["id"].as_u64().unwrap();
+            assert!(message["body"].as_str().unwrap().starts_with('s'), "{id}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_another_node_is_acked_with_the_first_id_and_delivered_once() {
+    let cluster = Cluster::new(2, fast());
+    let mut alice = Client::connect(cluster.chat(0), "alice").await;
+    let mut alice_elsewhere = Client::connect(cluster.chat(1), "alice").await;
+    let mut bob = Client::connect(cluster.chat(1), "bob").await;
+    for client in [&mut alice, &mut alice_elsewhere, &mut bob] {
+        client.join("lobby").await;
+    }
+    alice.recv_type("member").await;
+    alice_elsewhere.recv_type("member").await;
+
+    let frame = json!({"type": "send", "room": "lobby", "body": "once", "ref": "page-1"});
+    alice.send(frame.clone()).await;
+    let (_, ack) = alice.echo_and_ack().await;
+    // The page lost the ack, reconnected to the other node and sent again.
+    alice_elsewhere.recv_type("message").await;
+    alice_elsewhere.send(frame).await;
+    assert_eq!(alice_elsewhere.recv_type("ack").await["id"], ack["id"]);
+    assert_eq!(bob.recv_type("message").await["id"], ack["id"]);
+    bob.expect_silence().await;
+    alice_elsewhere.expect_silence().await;
+
+    let dm = json!({"type": "direct", "to": "bob", "body": "once", "ref": "page-2"});
+    alice.send(dm.clone()).await;
+    let id = alice.recv_type("ack").await["id"].clone();
+    alice_elsewhere.send(dm).await;
+    // Its own copy of the first attempt, then the ack of the retry: never a second copy.
+    let mut frames = vec![alice_elsewhere.recv().await, alice_elsewhere.recv().await];
+    frames.sort_by_key(|frame| frame["type"].as_str().unwrap_or_default().to_owned());
+    assert_eq!(frames[0]["type"], "ack");
+    assert_eq!(frames[0]["id"], id);
+    assert_eq!(
+        (&frames[1]["type"], &frames[1]["id"]),
+        (&json!("direct"), &id)
+    );
+    assert_eq!(bob.recv_type("direct").await["id"], id);
+    bob.expect_silence().await;
+}
+
+/// A watcher's picture of who is online, from the `online` reply and `presence` events.
+struct Watcher {
+    client: Client,
+    online: BTreeSet<String>,
+}
+
+impl Watcher {
+    async fn new(chat: &Chat) -> Self {
+        let mut client = Client::connect(chat, "watcher").await;
+        client.send(json!({"type": "who", "watch": true})).await;
+        let reply = client.recv_type("online").await;
+        let online = reply["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|user| user.as_str().unwrap().to_owned())
+            .collect();
+        Self { client, online }
+    }
+
+    fn apply(&mut self, frame: &Value) {
+        if frame["type"] != "presence" {
+            return;
+        }
+        let user = frame["user"].as_str().unwrap().to_owned();
+        if frame["status"] == "online" {
+            self.online.insert(user);
+        } else {
+            self.online.remove(&user);
+        }
+    }
+
+    /// Applies what arrives until `user`'s status is `online` (or five seconds pass).
+    async fn until(&mut self, user: &str, online: bool) {
+        let deadline = tokio::time::Instant::now() + common::ARRIVAL;
+        while self.online.contains(user) != online {
+            let frame = tokio::time::timeout_at(deadline, self.client.try_recv())
+                .await
+                .unwrap_or_else(|_| panic!("the watcher never saw {user} online={online}"))
+                .unwrap();
+            self.apply(&frame);
+        }
+    }
+
+    /// Applies whatever else arrives for a while.
+    async fn settle(&mut self) {
+        while let Ok(Some(frame)) =
+            tokio::time::timeout(Duration::from_millis(50), self.client.try_recv()).await
+        {
+            self.apply(&frame);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_crosses_nodes_and_a_reload_across_nodes_ends_online() {
+    let cluster = Cluster::new(3, fast());
+    cluster.jitter(Duration::from_millis(2));
+    let mut watcher = Watcher::new(cluster.chat(0)).await;
+    let mut tab = Client::connect(cluster.chat(1), "alice").await;
+    watcher.until("alice", true).await;
+
+    // Reloads: the old tab closes on one node while the new one opens on another, their
+    // presence events racing through a layer that reorders.
+    for round in 0..40 {
+        let chat = cluster.chat(1 + round % 2).clone();
+        let opening = tokio::spawn(async move { Client::connect(&chat, "alice").await });
+        tab.disconnect().await;
+        tab = opening.await.unwrap();
+        tab.sync().await;
+        watcher.until("alice", true).await;
+        watcher.settle().await;
+        assert!(
+            watcher.online.contains("alice"),
+            "round {round}: the watcher thinks alice is offline"
+        );
+    }
+    tab.disconnect().await;
+    watcher.until("alice", false).await;
+    assert_eq!(cluster.chat(2).online_users().await.unwrap(), ["watcher"]);
+}
+
+fn leased(lease: Duration) -> ChatConfig {
+    ChatConfig {
+        node_lease: lease,
+        // Pings are not what this is about.
+        ping_interval: Duration::from_secs(3_600),
+        idle_timeout: Duration::from_secs(7_200),
+        ..fast()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_dies_without_goodbye_leaves_online_and_its_rooms_within_its_lease() {
+    let lease = Duration::from_secs(30);
+    let cluster = Cluster::new(2, leased(lease));
+    let mut watcher = Watcher::new(cluster.chat(0)).await;
+    let mut bob = Client::connect(cluster.chat(0), "bob").await;
+    bob.join("lobby").await;
+    let mut alice = Client::connect(cluster.chat(1), "alice").await;
+    alice.join("lobby").await;
+    assert_eq!(bob.recv_type("member").await["event"], "join");
+    watcher.until("alice", true).await;
+
+    // Node 1 dies: it reaches neither the registry nor the layer, and its sockets are gone.
+    let died = tokio::time::Instant::now();
+    cluster.nodes[1].cable.cut.store(true, Ordering::SeqCst);
+    cluster.nodes[1].layer.fail(true);
+    alice.disconnect().await;
+    tokio::time::sleep(lease / 2).await;
+    assert_eq!(
+        cluster.chat(0).online_users().await.unwrap(),
+        ["alice", "bob", "watcher"],
+        "alice stays listed while her node's lease runs"
+    );
+    bob.expect_silence().await;
+
+    // Within the lease plus one sweep period (a third of it), another node has swept her.
+    tokio::time::sleep_until(died + lease + lease / 3 + Duration::from_secs(1)).await;
+    let leave = bob.recv_type("member").await;
+    assert_eq!(
+        (&leave["user"], &leave["event"]),
+        (&json!("alice"), &json!("leave"))
+    );
+    watcher.until("alice", false).await;
+    assert_eq!(
+        cluster.chat(0).online_users().await.unwrap(),
+        ["bob", "watcher"]
+    );
+    assert_eq!(
+        cluster.chat(0).room_members("lobby").await.unwrap(),
+        ["bob"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_whose_lease_was_swept_closes_its_connections_so_they_register_again() {
+    let lease = Duration::from_secs(30);
+    let cluster = Cluster::new(2, leased(lease));
+    let mut watcher = Watcher::new(cluster.chat(0)).await;
+    let mut alice = Client::connect(cluster.chat(1), "alice").await;
+    watcher.until("alice", true).await;
+
+    // Node 1 loses the registry for longer than its lease, but keeps its sockets.
+    cluster.nodes[1].cable.cut.store(true, Ordering::SeqCst);
+    tokio::time::sleep(lease + lease / 3 + Duration::from_secs(1)).await;
+    watcher.until("alice", false).await;
+    cluster.nodes[1].cable.cut.store(false, Ordering::SeqCst);
+    // Its next heartbeat finds the lease gone.
+    tokio::time::sleep(lease / 3 + Duration::from_secs(1)).await;
+    assert_eq!(alice.expect_close().await, 1012);
+
+    // The client reconnects, and is online again.
+    let _alice = Client::connect(cluster.chat(1), "alice").await;
+    watcher.until("alice", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_fails_after_storing_is_acked_once_it_gets_through() {
+    let cluster = Cluster::new(2, fast());
+    let mut alice = Client::connect(cluster.chat(0), "alice").await;
+    let mut bob = Client::connect(cluster.chat(1), "bob").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
+    alice.recv_type("member").await;
+
+    // The layer goes down between storing and publishing.
+    cluster.nodes[0].layer.fail(true);
+    alice
+        .send(json!({"type": "send", "room": "lobby", "body": "stored", "ref": "a"}))
+        .await;
+    alice.expect_silence().await;
+    // While the node is failing to publish, a new message is refused before it is stored.
+    alice
+        .send(json!({"type": "send", "room": "lobby", "body": "refused", "ref": "b"}))
+        .await;
+    assert_eq!(alice.expect_error("unavailable").await["ref"], "b");
+    bob.expect_silence().await;
+
+    cluster.nodes[0].layer.fail(false);
+    let (echo, ack) = alice.echo_and_ack().await;
+    assert_eq!(
+        (&echo["body"], &ack["ref"]),
+        (&json!("stored"), &json!("a"))
+    );
+    assert_eq!(bob.recv_type("message").await["body"], "stored");
+    alice
+        .send(json!({"type": "send", "room": "lobby", "body": "refused", "ref": "b"}))
+        .await;
+    let (echo, _) = alice.echo_and_ack().await;
+    assert_eq!(echo["id"], 2, "the refused attempt stored nothing");
+    assert_eq!(bob.recv_type("message").await["id"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_conversations_stay_in_order_when_both_sides_write_at_once() {
+    let cluster = Cluster::new(2, fast());
+    cluster.jitter(Duration::from_millis(3));
+    let mut alice = Client::connect(cluster.chat(0), "alice").await;
+    let mut alice_tab = Client::connect(cluster.chat(1), "alice").await;
+    let mut bob = Client::connect(cluster.chat(1), "bob").await;
+    let each = 30;
+    let talk = |mut client: Client, to: &'static str| {
+        tokio::spawn(async move {
+            let mut received = Vec::new();
+            let mut acked = 0;
+            for i in 0..each {
+                client
+                    .send(json!({"type": "direct", "to": to, "body": i.to_string()}))
+                    .await;
+                loop {
+                    let frame = client.recv().await;
+                    if frame["type"] == "ack" {
+                        acked += 1;
+                        break;
+                    }
+                    received.push(frame["id"].as_u64().unwrap());
+                }
+            }
+            (client, received, acked)
+        })
+    };
+    let alice_talks = talk(alice, "bob");
+    let bob_talks = talk(bob, "alice");
+    let (mut alice, mut from_bob, acked) = alice_talks.await.unwrap();
+    assert_eq!(acked, each);
+    let (mut bob, mut from_alice, _) = bob_talks.await.unwrap();
+    while from_bob.len() < each {
+        from_bob.push(alice.recv_type("direct").await["id"].as_u64().unwrap());
+    }
+    while from_alice.len() < each {
+        from_alice.push(bob.recv_type("direct").await["id"].as_u64().unwrap());
+    }
+    for (who, ids) in [("alice", &from_bob), ("bob", &from_alice)] {
+        assert!(
+            ids.windows(2).all(|pair| pair[0] < pair[1]),
+            "{who} got the conversation out of order: {ids:?}"
+        );
+    }
+    // Alice's other tab sees both sides, all 60, in order.
+    let mut everything = Vec::new();
+    while everything.len() < 2 * each {
+        everything.push(alice_tab.recv_type("direct").await["id"].as_u64().unwrap());
+    }
+    assert_eq!(everything, (1..=2 * each as u64).collect::<Vec<_>>());
+    let mut by_id = BTreeMap::new();
+    for id in from_bob.iter().chain(&from_alice) {
+        *by_id.entry(*id).or_insert(0) += 1;
+    }
+    assert!(by_id.values().all(|count| *count == 1));
+}
