@@ -346,7 +346,7 @@ async fn a_retry_on_another_node_is_acked_with_the_first_id_and_delivered_once()
     let id = alice.recv_type("ack").await["id"].clone();
     alice_elsewhere.send(dm).await;
     // Its own copy of the first attempt, then the ack of the retry: never a second copy.
-    let mut frames = vec![alice_elsewhere.recv().await, alice_elsewhere.recv().await];
+    let mut frames = [alice_elsewhere.recv().await, alice_elsewhere.recv().await];
     frames.sort_by_key(|frame| frame["type"].as_str().unwrap_or_default().to_owned());
     assert_eq!(frames[0]["type"], "ack");
     assert_eq!(frames[0]["id"], id);
@@ -556,9 +556,9 @@ async fn a_publish_that_fails_after_storing_is_acked_once_it_gets_through() {
 async fn direct_conversations_stay_in_order_when_both_sides_write_at_once() {
     let cluster = Cluster::new(2, fast());
     cluster.jitter(Duration::from_millis(3));
-    let mut alice = Client::connect(cluster.chat(0), "alice").await;
+    let alice = Client::connect(cluster.chat(0), "alice").await;
     let mut alice_tab = Client::connect(cluster.chat(1), "alice").await;
-    let mut bob = Client::connect(cluster.chat(1), "bob").await;
+    let bob = Client::connect(cluster.chat(1), "bob").await;
     let each = 30;
     let talk = |mut client: Client, to: &'static str| {
         tokio::spawn(async move {
