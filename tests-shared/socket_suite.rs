@@ -343,6 +343,168 @@ pub async fn jwt_handshakes(addr: SocketAddr) {
 }
 
 /// The config every suite server runs with.
+/// How hard [`churn_with`] shakes the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Churn {
+    /// Readers, each dropping its socket (no close frame) every 100 to 500 ms and resuming.
+    pub clients: usize,
+    /// Senders, each sending `messages` at `rate` per second, waiting for each ack.
+    pub senders: usize,
+    pub messages: usize,
+    pub rate: f64,
+}
+
+impl Churn {
+    /// Sized for CI: a few seconds per adapter.
+    pub fn small() -> Self {
+        Self {
+            clients: 50,
+            senders: 5,
+            messages: 40,
+            rate: 8.0,
+        }
+    }
+
+    /// The larger run, sized from `CHURN_CLIENTS`, `CHURN_SENDERS`, `CHURN_MESSAGES` (per sender)
+    /// and `CHURN_RATE` (per sender per second) when set.
+    pub fn from_env() -> Self {
+        let get = |name: &str, default: f64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(default)
+        };
+        Self {
+            clients: get("CHURN_CLIENTS", 200.0) as usize,
+            senders: get("CHURN_SENDERS", 10.0) as usize,
+            messages: get("CHURN_MESSAGES", 50.0) as usize,
+            rate: get("CHURN_RATE", 5.0),
+        }
+    }
+}
+
+/// What a churn run did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChurnReport {
+    pub deliveries: u64,
+    pub reconnects: u64,
+}
+
+/// Readers that keep dropping their sockets and resuming with `since` = the highest id they saw,
+/// while senders send: every reader must end with every message exactly once, in order, across
+/// all its connections. Ids are dense, so each message must be exactly the one after the last.
+pub async fn churn_with(addr: SocketAddr, churn: Churn) -> ChurnReport {
+    const ROOM: &str = "churn";
+    let total = (churn.senders * churn.messages) as u64;
+    let readers: Vec<_> = (0..churn.clients)
+        .map(|i| tokio::spawn(churning_reader(addr, format!("reader{i}"), total, i as u64)))
+        .collect();
+    let interval = Duration::from_secs_f64(1.0 / churn.rate.max(0.001));
+    let senders: Vec<_> = (0..churn.senders)
+        .map(|i| {
+            tokio::spawn(async move {
+                let user = format!("sender{i}");
+                let mut socket = connect(addr, &user).await;
+                socket.join(ROOM).await;
+                let mut pace = tokio::time::interval(interval);
+                for n in 0..churn.messages {
+                    pace.tick().await;
+                    let reference = format!("{user}-{n}");
+                    socket
+                        .send(json!({"type": "send", "room": ROOM, "body": reference, "ref": reference}))
+                        .await;
+                    loop {
+                        let frame = socket.recv().await;
+                        assert_ne!(frame["type"], "error", "{user}: {frame}");
+                        if frame["type"] == "ack" && frame["ref"] == reference.as_str() {
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let mut report = ChurnReport::default();
+    for reader in readers {
+        let reconnects = reader.await.unwrap();
+        report.reconnects += reconnects;
+        report.deliveries += total;
+    }
+    report
+}
+
+/// One reader of [`churn_with`]; returns how many times it reconnected.
+async fn churning_reader(addr: SocketAddr, user: String, total: u64, seed: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut random = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    let mut highest = 0u64;
+    let mut reconnects = 0u64;
+    let accept = |message: &Value, highest: &mut u64| {
+        let id = message["id"].as_u64().unwrap();
+        assert_eq!(
+            id,
+            *highest + 1,
+            "{user}: after id {highest} got id {id} (a gap, a repeat or out of order)"
+        );
+        *highest = id;
+    };
+    while highest < total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{user} is stuck at {highest} of {total}"
+        );
+        random = random
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let stay = Duration::from_millis(100 + (random >> 33) % 400);
+        let mut socket = connect(addr, &user).await;
+        socket
+            .send(json!({"type": "join", "room": "churn", "since": highest}))
+            .await;
+        let until = tokio::time::Instant::now() + stay;
+        while highest < total {
+            let Ok(Some(Ok(Message::Text(text)))) =
+                tokio::time::timeout_at(until, socket.ws.next()).await
+            else {
+                break;
+            };
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            let (messages, more) = match frame["type"].as_str() {
+                Some("joined") => (frame["history"].clone(), frame["more"] == true),
+                Some("history") => (frame["messages"].clone(), frame["more"] == true),
+                Some("message") => (json!([frame]), false),
+                Some("error") => panic!("{user}: {frame}"),
+                _ => continue,
+            };
+            for message in messages.as_array().unwrap() {
+                accept(message, &mut highest);
+            }
+            if more {
+                socket
+                    .send(
+                        json!({"type": "history", "room": "churn", "after": highest, "limit": 100}),
+                    )
+                    .await;
+            }
+        }
+        // Gone without a close frame, like a phone losing its network.
+        drop(socket);
+        reconnects += 1;
+    }
+    reconnects
+}
+
+pub async fn churn(addr: SocketAddr) {
+    let report = churn_with(addr, Churn::small()).await;
+    assert!(
+        report.reconnects >= Churn::small().clients as u64,
+        "{report:?}"
+    );
+}
+
 pub fn suite_config() -> ChatConfig {
     ChatConfig {
         max_frame_bytes: 8 * 1024,
@@ -357,13 +519,32 @@ macro_rules! socket_suite {
         $crate::socket_suite!(@each $start;
             rooms_messages_and_membership, the_room_route_joins_at_once, direct_messages_are_private,
             presence_edges, bad_frames_are_answered_and_the_socket_stays_open,
-            bad_credentials_get_401_and_unknown_paths_404, an_oversized_frame_closes_with_1009);
+            bad_credentials_get_401_and_unknown_paths_404, an_oversized_frame_closes_with_1009,
+            churn);
     };
     (@each $start:path; $($check:ident),* $(,)?) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn jwt_handshakes() {
             let addr = $start(socket_suite::jwt_chat()).await;
             socket_suite::jwt_handshakes(addr).await;
+        }
+
+        /// The larger churn run: `cargo test --release --test sockets churn_large -- --ignored
+        /// --nocapture`, sized by `CHURN_CLIENTS`, `CHURN_SENDERS`, `CHURN_MESSAGES`, `CHURN_RATE`.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[ignore = "minutes long; run on demand"]
+        async fn churn_large() {
+            let chat = socket_suite::dev_chat(socket_suite::suite_config());
+            let addr = $start(chat).await;
+            let churn = socket_suite::Churn::from_env();
+            let started = std::time::Instant::now();
+            let report = socket_suite::churn_with(addr, churn).await;
+            println!(
+                "churn: {churn:?}: {} deliveries, {} reconnects, 0 lost, 0 duplicated, in order, {:.1} s",
+                report.deliveries,
+                report.reconnects,
+                started.elapsed().as_secs_f64()
+            );
         }
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

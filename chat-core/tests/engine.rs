@@ -16,7 +16,7 @@ use chat_core::store::{
     StoreError,
 };
 use chat_core::{Chat, ChatConfig};
-use common::{chat, chat_with, Client};
+use common::{chat, chat_with, Client, Watcher};
 use serde_json::json;
 
 #[tokio::test]
@@ -1132,32 +1132,79 @@ async fn an_aborted_connection_still_goes_offline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_never_leaves_the_user_looking_offline() {
     // A reload closes the old connection while the new one opens. Whatever the interleaving,
-    // the last presence event watchers get must match the truth: online.
+    // what the watcher ends up believing must match the truth: online.
     let chat = chat();
-    let mut watcher = Client::connect(&chat, "watcher").await;
-    watcher.send(json!({"type": "who", "watch": true})).await;
-    watcher.recv_type("online").await;
+    let mut watcher = Watcher::new(&chat).await;
     let mut tab = Client::connect(&chat, "alice").await;
-    watcher.recv_type("presence").await;
+    watcher.until("alice", true).await;
     for round in 0..200 {
         let chat2 = chat.clone();
         let opening = tokio::spawn(async move { Client::connect(&chat2, "alice").await });
         tab.disconnect().await;
         tab = opening.await.unwrap();
         tab.sync().await;
-        // Drain what the watcher got this round; the last word must be "online".
-        let mut last = None;
-        while let Ok(Some(frame)) =
-            tokio::time::timeout(std::time::Duration::from_millis(20), watcher.try_recv()).await
-        {
-            last = Some(frame);
-        }
-        if let Some(frame) = last {
-            assert_eq!(
-                frame["status"], "online",
-                "round {round}: watchers think alice is offline"
-            );
-        }
+        watcher.until("alice", true).await;
+        watcher.settle().await;
+        assert!(
+            watcher.online.contains("alice"),
+            "round {round}: the watcher thinks alice is offline"
+        );
     }
-    assert_eq!(chat.online_users().await.unwrap(), ["alice", "watcher"]);
+    tab.disconnect().await;
+    watcher.until("alice", false).await;
+}
+
+#[tokio::test]
+async fn a_resume_cut_short_holds_the_room_until_the_client_pages_to_the_end() {
+    let chat = chat_with(ChatConfig {
+        resume_limit: 5,
+        ..ChatConfig::default()
+    });
+    let mut bob = Client::connect(&chat, "bob").await;
+    bob.join("a").await;
+    for i in 1..=12 {
+        bob.say("a", &i.to_string()).await;
+    }
+    let mut alice = Client::connect(&chat, "alice").await;
+    alice
+        .send(json!({"type": "join", "room": "a", "since": 0}))
+        .await;
+    let joined = alice.recv_type("joined").await;
+    assert_eq!(ids(&joined["history"]), [1, 2, 3, 4, 5]);
+    assert_eq!(joined["more"], true);
+    assert_eq!(bob.recv_type("member").await["event"], "join");
+
+    // A message sent meanwhile is held back: delivered now, it would make alice's highest id
+    // seen skip 6..=12 on her next resume.
+    bob.say("a", "13").await;
+    alice.expect_silence().await;
+    let page = json!({"type": "history", "room": "a", "after": 5, "limit": 5});
+    alice.send(page).await;
+    let page = alice.recv_type("history").await;
+    assert_eq!(
+        (ids(&page["messages"]), &page["more"]),
+        (vec![6, 7, 8, 9, 10], &json!(true))
+    );
+    alice.expect_silence().await;
+    let page = json!({"type": "history", "room": "a", "after": 10, "limit": 5});
+    alice.send(page).await;
+    let page = alice.recv_type("history").await;
+    assert_eq!(
+        (ids(&page["messages"]), &page["more"]),
+        (vec![11, 12, 13], &json!(false))
+    );
+
+    // Paged to the end: the room is live again, right after what the last page held.
+    bob.say("a", "14").await;
+    assert_eq!(alice.recv_type("message").await["id"], 14);
+    alice.expect_silence().await;
+}
+
+fn ids(messages: &serde_json::Value) -> Vec<u64> {
+    messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect()
 }

@@ -20,7 +20,7 @@ use chat_core::registry::{
 };
 use chat_core::store::InMemoryHistoryStore;
 use chat_core::{Chat, ChatConfig};
-use common::Client;
+use common::{Client, Watcher};
 use serde_json::{json, Value};
 
 /// A node's connection to the shared registry, which the test can cut.
@@ -356,60 +356,6 @@ async fn a_retry_on_another_node_is_acked_with_the_first_id_and_delivered_once()
     );
     assert_eq!(bob.recv_type("direct").await["id"], id);
     bob.expect_silence().await;
-}
-
-/// A watcher's picture of who is online, from the `online` reply and `presence` events.
-struct Watcher {
-    client: Client,
-    online: BTreeSet<String>,
-}
-
-impl Watcher {
-    async fn new(chat: &Chat) -> Self {
-        let mut client = Client::connect(chat, "watcher").await;
-        client.send(json!({"type": "who", "watch": true})).await;
-        let reply = client.recv_type("online").await;
-        let online = reply["users"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|user| user.as_str().unwrap().to_owned())
-            .collect();
-        Self { client, online }
-    }
-
-    fn apply(&mut self, frame: &Value) {
-        if frame["type"] != "presence" {
-            return;
-        }
-        let user = frame["user"].as_str().unwrap().to_owned();
-        if frame["status"] == "online" {
-            self.online.insert(user);
-        } else {
-            self.online.remove(&user);
-        }
-    }
-
-    /// Applies what arrives until `user`'s status is `online` (or five seconds pass).
-    async fn until(&mut self, user: &str, online: bool) {
-        let deadline = tokio::time::Instant::now() + common::ARRIVAL;
-        while self.online.contains(user) != online {
-            let frame = tokio::time::timeout_at(deadline, self.client.try_recv())
-                .await
-                .unwrap_or_else(|_| panic!("the watcher never saw {user} online={online}"))
-                .unwrap();
-            self.apply(&frame);
-        }
-    }
-
-    /// Applies whatever else arrives for a while.
-    async fn settle(&mut self) {
-        while let Ok(Some(frame)) =
-            tokio::time::timeout(Duration::from_millis(50), self.client.try_recv()).await
-        {
-            self.apply(&frame);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -198,4 +199,58 @@ pub fn chat() -> Chat {
 
 pub fn chat_with(config: chat_core::ChatConfig) -> Chat {
     Chat::builder().config(config).build()
+}
+
+/// A watcher's picture of who is online, from the `online` reply and `presence` events.
+pub struct Watcher {
+    pub client: Client,
+    pub online: BTreeSet<String>,
+}
+
+impl Watcher {
+    pub async fn new(chat: &Chat) -> Self {
+        let mut client = Client::connect(chat, "watcher").await;
+        client.send(json!({"type": "who", "watch": true})).await;
+        let reply = client.recv_type("online").await;
+        let online = reply["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|user| user.as_str().unwrap().to_owned())
+            .collect();
+        Self { client, online }
+    }
+
+    pub fn apply(&mut self, frame: &Value) {
+        if frame["type"] != "presence" {
+            return;
+        }
+        let user = frame["user"].as_str().unwrap().to_owned();
+        if frame["status"] == "online" {
+            self.online.insert(user);
+        } else {
+            self.online.remove(&user);
+        }
+    }
+
+    /// Applies what arrives until `user`'s status is `online` (or five seconds pass).
+    pub async fn until(&mut self, user: &str, online: bool) {
+        let deadline = tokio::time::Instant::now() + ARRIVAL;
+        while self.online.contains(user) != online {
+            let frame = tokio::time::timeout_at(deadline, self.client.try_recv())
+                .await
+                .unwrap_or_else(|_| panic!("the watcher never saw {user} online={online}"))
+                .unwrap();
+            self.apply(&frame);
+        }
+    }
+
+    /// Applies whatever else arrives for a while.
+    pub async fn settle(&mut self) {
+        while let Ok(Some(frame)) =
+            tokio::time::timeout(Duration::from_millis(50), self.client.try_recv()).await
+        {
+            self.apply(&frame);
+        }
+    }
 }
