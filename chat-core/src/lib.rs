@@ -12,8 +12,10 @@
 //! - [`protocol`]: the wire frames, decoded from hostile input and encoded once per message.
 //! - [`engine`]: the per-connection protocol state machine and [`Chat`], the host
 //!   service's handle.
-//! - [`registry`]: rooms and presence with the multi-tab rule, behind a trait.
-//! - [`store`]: message history, read positions and the inbox, behind a trait.
+//! - [`registry`]: rooms and presence with the multi-tab rule, edge versions and node leases,
+//!   behind a trait; its in-memory backend and (feature `testing`) its conformance suite.
+//! - [`store`]: message history, the one source of message ids and retry de-duplication, read
+//!   positions and the inbox, behind a trait; its in-memory backend and conformance suite.
 //! - [`auth`]: turning a handshake into a user name (development and JWT authenticators).
 //! - [`policy`]: the host's allow/refuse hook for joins, sends and direct messages.
 //! - [`config`]: every limit of the engine, in one struct.
@@ -21,9 +23,11 @@
 //!
 //! A frame's journey: the adapter hands an [`Inbound`](engine::Inbound) text frame to the engine,
 //! which decodes it ([`protocol`]), checks limits and the [`policy`], stores a message in the
-//! [`store`], encodes the outgoing frame once and `group_send`s it through the [`layer`] to the
-//! room's group; every member connection's subscription receives the same bytes and queues them
-//! as an [`Outbound`](engine::Outbound) frame for its adapter to write.
+//! [`store`] (which gives it the conversation's next id), encodes the outgoing frame once and
+//! `group_send`s it through the [`layer`] to the room's group; every member connection's
+//! subscription, on any node, receives the same bytes, puts them in id order and queues them as
+//! an [`Outbound`](engine::Outbound) frame for its adapter to write. `docs/ordering.md` in the
+//! repository tells what that guarantees and under which failures.
 
 pub mod auth;
 pub mod config;

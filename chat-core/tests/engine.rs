@@ -1135,21 +1135,8 @@ async fn a_reload_never_leaves_the_user_looking_offline() {
     // what the watcher ends up believing must match the truth: online.
     let chat = chat();
     let mut watcher = Watcher::new(&chat).await;
-    let mut tab = Client::connect(&chat, "alice").await;
-    watcher.until("alice", true).await;
-    for round in 0..200 {
-        let chat2 = chat.clone();
-        let opening = tokio::spawn(async move { Client::connect(&chat2, "alice").await });
-        tab.disconnect().await;
-        tab = opening.await.unwrap();
-        tab.sync().await;
-        watcher.until("alice", true).await;
-        watcher.settle().await;
-        assert!(
-            watcher.online.contains("alice"),
-            "round {round}: the watcher thinks alice is offline"
-        );
-    }
+    let tab = Client::connect(&chat, "alice").await;
+    let tab = common::reload_rounds(&mut watcher, tab, 200, |_| chat.clone()).await;
     tab.disconnect().await;
     watcher.until("alice", false).await;
 }

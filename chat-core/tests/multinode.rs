@@ -363,24 +363,13 @@ async fn presence_crosses_nodes_and_a_reload_across_nodes_ends_online() {
     let cluster = Cluster::new(3, fast());
     cluster.jitter(Duration::from_millis(2));
     let mut watcher = Watcher::new(cluster.chat(0)).await;
-    let mut tab = Client::connect(cluster.chat(1), "alice").await;
-    watcher.until("alice", true).await;
-
+    let tab = Client::connect(cluster.chat(1), "alice").await;
     // Reloads: the old tab closes on one node while the new one opens on another, their
     // presence events racing through a layer that reorders.
-    for round in 0..40 {
-        let chat = cluster.chat(1 + round % 2).clone();
-        let opening = tokio::spawn(async move { Client::connect(&chat, "alice").await });
-        tab.disconnect().await;
-        tab = opening.await.unwrap();
-        tab.sync().await;
-        watcher.until("alice", true).await;
-        watcher.settle().await;
-        assert!(
-            watcher.online.contains("alice"),
-            "round {round}: the watcher thinks alice is offline"
-        );
-    }
+    let tab = common::reload_rounds(&mut watcher, tab, 40, |round| {
+        cluster.chat(1 + round % 2).clone()
+    })
+    .await;
     tab.disconnect().await;
     watcher.until("alice", false).await;
     assert_eq!(cluster.chat(2).online_users().await.unwrap(), ["watcher"]);

@@ -41,7 +41,8 @@ use super::envelope::{self, room_group, user_group, Envelope, Kind, Received, PR
 use super::rate::TokenBucket;
 use super::sequencer::{Frame, Sequencer};
 use super::{
-    ack_frame, direct_view, room_view, ChatError, CloseReason, Inbound, Inner, Outbound, Session,
+    ack_frame, direct_view, room_view, ChatError, CloseReason, Inbound, Inner, Outbound,
+    Publication, Session,
 };
 use crate::layer::Subscription;
 use crate::names::{is_valid_room_name, is_valid_user_name};
@@ -54,8 +55,6 @@ use crate::store::{Conversation, StoredMessage};
 
 /// How long the engine tries to deliver its close frame to a socket that may not be reading.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Outbound queue slots a gap repair leaves free for everything else.
-const REPAIR_HEADROOM: usize = 16;
 /// Most messages one gap repair reads from the store at once.
 const REPAIR_PAGE: usize = 100;
 /// When the outbound queue is too full to repair into, look again after this long.
@@ -757,8 +756,17 @@ impl Connection {
         let published = inner
             .publish_room(&room, &self.user, &body, reference, Some(&self.out))
             .await;
+        self.acknowledge(reference, published)
+    }
+
+    /// Acks a message once it is stored and published; one stored but not yet published is
+    /// acked by the outbox when it gets through; one not stored is refused.
+    fn acknowledge(
+        &self,
+        reference: Option<&str>,
+        published: Result<Publication, ChatError>,
+    ) -> Handled {
         match published {
-            // Acked only once published; otherwise the outbox acks when it gets through.
             Ok(published) if published.delivered => self
                 .push(ack_frame(reference, published.message.id))
                 .map(Ok),
@@ -789,13 +797,7 @@ impl Connection {
                 Some((&self.channel, &self.out, &stored)),
             )
             .await;
-        match published {
-            Ok(published) if published.delivered => self
-                .push(ack_frame(reference, published.message.id))
-                .map(Ok),
-            Ok(_) => Ok(Ok(())),
-            Err(error) => Ok(Err(error.into())),
-        }
+        self.acknowledge(reference, published)
     }
 
     /// Notes a direct message this connection sent, between storing and publishing it, so a
@@ -808,9 +810,10 @@ impl Connection {
             direct_heads,
             ..
         } = &mut *shared;
-        let direct = direct_entry(directs, direct_heads, partner, capacity);
-        if id > direct.sequencer.delivered() {
-            direct.own.insert(id);
+        if let Some(direct) = direct_entry(directs, direct_heads, partner, capacity) {
+            if id > direct.sequencer.delivered() {
+                direct.own.insert(id);
+            }
         }
     }
 
@@ -1099,10 +1102,12 @@ impl Connection {
                 }
             }
             Kind::Room => {
-                let Some(room) = text(&received.first).map(str::to_owned) else {
+                // A second handle on the shared bytes (no copy) to name the room by.
+                let first = received.first.clone();
+                let Some(room) = text(&first) else {
                     return Ok(None);
                 };
-                match shared.rooms.get_mut(&room) {
+                match shared.rooms.get_mut(room) {
                     // Not (or no longer) in this room: a late frame after `leave`.
                     None => {}
                     Some(Room {
@@ -1114,7 +1119,7 @@ impl Connection {
                         }
                         waiting.push(received);
                     }
-                    Some(_) => self.deliver_room(shared, &room, received, now)?,
+                    Some(_) => self.deliver_room(shared, room, received, now)?,
                 }
             }
             Kind::Direct => self.deliver_direct(shared, received, now)?,
@@ -1203,7 +1208,9 @@ impl Connection {
             repairs,
             ..
         } = shared;
-        let direct = direct_entry(directs, direct_heads, partner, capacity);
+        let Some(direct) = direct_entry(directs, direct_heads, partner, capacity) else {
+            return Ok(());
+        };
         let opened = direct
             .sequencer
             .offer(received.id, frame, now, &mut |frame| self.push(frame))?;
@@ -1268,11 +1275,12 @@ impl Connection {
             };
             (conversation, after, upto, generation)
         };
-        // Pace the repair by what the client is taking: never fill its queue with history.
+        // Pace the repair by what the client is taking: it only uses the free half of the
+        // queue, leaving the rest for live traffic and replies.
         let room = self
             .out
             .capacity()
-            .saturating_sub(self.sequencer_capacity() + REPAIR_HEADROOM);
+            .saturating_sub(inner.config.outbound_queue / 2);
         if room == 0 {
             return Ok(Some(now + REPAIR_PACE));
         }
@@ -1366,9 +1374,14 @@ fn direct_entry<'a>(
     heads: &mut HashMap<String, u64>,
     partner: &str,
     capacity: usize,
-) -> &'a mut Direct {
-    directs.entry(partner.to_owned()).or_insert_with(|| Direct {
-        sequencer: Sequencer::new(heads.remove(partner).unwrap_or(0), capacity),
-        own: BTreeSet::new(),
-    })
+) -> Option<&'a mut Direct> {
+    // Looked up by `&str` first: the name is allocated once per conversation, not per message.
+    if !directs.contains_key(partner) {
+        let direct = Direct {
+            sequencer: Sequencer::new(heads.remove(partner).unwrap_or(0), capacity),
+            own: BTreeSet::new(),
+        };
+        directs.insert(partner.to_owned(), direct);
+    }
+    directs.get_mut(partner)
 }

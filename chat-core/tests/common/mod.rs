@@ -254,3 +254,31 @@ impl Watcher {
         }
     }
 }
+
+/// Reloads `alice` `rounds` times: each time her old tab closes while a new one opens on
+/// `chat_for(round)`, their presence events racing. After every round, what the watcher believes
+/// must be the truth: online. Returns the last tab.
+pub async fn reload_rounds(
+    watcher: &mut Watcher,
+    mut tab: Client,
+    rounds: usize,
+    chat_for: impl Fn(usize) -> Chat,
+) -> Client {
+    watcher.until(&tab.user, true).await;
+    for round in 0..rounds {
+        let chat = chat_for(round);
+        let user = tab.user.clone();
+        let opening = tokio::spawn(async move { Client::connect(&chat, &user).await });
+        tab.disconnect().await;
+        tab = opening.await.unwrap();
+        tab.sync().await;
+        watcher.until(&tab.user, true).await;
+        watcher.settle().await;
+        assert!(
+            watcher.online.contains(&tab.user),
+            "round {round}: the watcher thinks {} is offline",
+            tab.user
+        );
+    }
+    tab
+}
