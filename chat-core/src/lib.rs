@@ -36,6 +36,8 @@ pub mod layer;
 pub mod names;
 pub mod policy;
 pub mod protocol;
+#[cfg(feature = "redis")]
+mod redis_client;
 pub mod registry;
 pub mod store;
 

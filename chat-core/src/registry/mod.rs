@@ -17,11 +17,13 @@
 //!   crossed, so someone announces the `offline` and `leave` events within the lease.
 //!
 //! The engine speaks to the registry only through the [`Registry`] trait. [`InMemoryRegistry`] is
-//! the one-process implementation (also shared by the nodes of a multi-node test). Every backend
-//! is expected to pass the conformance suite in `chat_core::registry::conformance` (cargo feature
-//! `testing`).
+//! the one-process implementation (also shared by the nodes of a multi-node test);
+//! `RedisRegistry` (cargo feature `redis`) spans processes. Every backend is expected to pass
+//! the conformance suite in `chat_core::registry::conformance` (cargo feature `testing`).
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
@@ -30,6 +32,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+#[cfg(feature = "redis")]
+pub use self::redis::RedisRegistry;
 pub use memory::InMemoryRegistry;
 
 /// A registry failure: the change did not happen, and may be retried.

@@ -11,10 +11,12 @@
 //! conversations with unread counts) is derived.
 //!
 //! Backends: [`InMemoryHistoryStore`] for one process (or several nodes of a test inside one
-//! process). Every backend is expected to pass the conformance suite in
-//! `chat_core::store::conformance` (cargo feature `testing`).
+//! process), and `RedisHistoryStore` for many (cargo feature `redis`). Every backend is expected
+//! to pass the conformance suite in `chat_core::store::conformance` (cargo feature `testing`).
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
@@ -23,6 +25,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+#[cfg(feature = "redis")]
+pub use self::redis::RedisHistoryStore;
 pub use memory::InMemoryHistoryStore;
 
 /// A room or a direct conversation.

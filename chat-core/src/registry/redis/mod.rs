@@ -1,0 +1,230 @@
+//! [`RedisRegistry`]: rooms, presence and node leases in Redis, shared by every node (cargo
+//! feature `redis`).
+//!
+//! Every operation is one Lua script, so each is atomic across nodes as the [`Registry`] trait
+//! requires: an edge is computed and numbered in the same step that changes the sets, and a sweep
+//! reports each edge to exactly one sweeper. Listings are sorted sets whose scores are all zero,
+//! which Redis keeps in name order. Leases are scored by Redis's own clock (`TIME`), so nodes
+//! with skewed clocks agree on who expired. No per-field hash expiry is used (Redis 7.0 has none).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::Script;
+
+use super::{Departure, Edge, Lease, Listing, Registry, RegistryError};
+use crate::redis_client::{self, describe};
+
+/// A [`Registry`] in Redis. Cheap to clone; clones share one multiplexed connection.
+///
+/// ```no_run
+/// use chat_core::registry::RedisRegistry;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), chat_core::registry::RegistryError> {
+/// let registry = RedisRegistry::connect("redis://127.0.0.1:6379", "chat").await?;
+/// # drop(registry);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisRegistry {
+    connection: ConnectionManager,
+    /// `{prefix}:registry`.
+    keys: String,
+    scripts: Scripts,
+}
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(include_str!("prelude.lua"), include_str!($file)))
+    };
+}
+
+#[derive(Clone)]
+struct Scripts {
+    heartbeat: Script,
+    connect: Script,
+    disconnect: Script,
+    join: Script,
+    leave: Script,
+    listing: Script,
+    sweep: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            heartbeat: script!("heartbeat.lua"),
+            connect: script!("connect.lua"),
+            disconnect: script!("disconnect.lua"),
+            join: script!("join.lua"),
+            leave: script!("leave.lua"),
+            listing: script!("listing.lua"),
+            sweep: script!("sweep.lua"),
+        }
+    }
+}
+
+fn failed(error: redis::RedisError) -> RegistryError {
+    RegistryError(describe(&error))
+}
+
+fn malformed(what: &str) -> RegistryError {
+    RegistryError(format!("unexpected reply from Redis to {what}"))
+}
+
+fn version(text: &str) -> Result<u64, RegistryError> {
+    text.parse().map_err(|_| malformed("a version"))
+}
+
+/// An edge's version, or `''` for none.
+fn edge(reply: &str) -> Result<Option<Edge>, RegistryError> {
+    if reply.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Edge {
+        version: version(reply)?,
+    }))
+}
+
+/// Reads the `'L', room, user, version` and `'O', user, version` records a script returned.
+fn departures(reply: &[String]) -> Result<Vec<Departure>, RegistryError> {
+    let mut rest = reply;
+    let mut out = Vec::new();
+    loop {
+        match rest {
+            [] => return Ok(out),
+            [kind, room, user, at, tail @ ..] if kind == "L" => {
+                out.push(Departure::Left {
+                    room: room.clone(),
+                    user: user.clone(),
+                    version: version(at)?,
+                });
+                rest = tail;
+            }
+            [kind, user, at, tail @ ..] if kind == "O" => {
+                out.push(Departure::Offline {
+                    user: user.clone(),
+                    version: version(at)?,
+                });
+                rest = tail;
+            }
+            _ => return Err(malformed("a departure")),
+        }
+    }
+}
+
+impl RedisRegistry {
+    /// Connects to the Redis at `url`, keeping its keys under `{prefix}:registry:`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, RegistryError> {
+        redis_client::check_prefix(prefix).map_err(RegistryError)?;
+        let (_, connection) = redis_client::connect(url).await.map_err(RegistryError)?;
+        Ok(Self {
+            connection,
+            keys: format!("{prefix}:registry"),
+            scripts: Scripts::new(),
+        })
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        args: &[&str],
+    ) -> Result<T, RegistryError> {
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(&self.keys);
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(failed)
+    }
+
+    async fn listing(&self, set: &str) -> Result<Listing, RegistryError> {
+        let reply: Vec<String> = self.run(&self.scripts.listing, &[set]).await?;
+        let [at, users @ ..] = reply.as_slice() else {
+            return Err(malformed("a listing"));
+        };
+        Ok(Listing {
+            users: users.to_vec(),
+            version: version(at)?,
+        })
+    }
+}
+
+#[async_trait]
+impl Registry for RedisRegistry {
+    async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<Lease, RegistryError> {
+        let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let existed: i64 = self
+            .run(&self.scripts.heartbeat, &[node, &ttl.to_string()])
+            .await?;
+        Ok(if existed == 1 {
+            Lease::Renewed
+        } else {
+            Lease::Created
+        })
+    }
+
+    async fn connect(
+        &self,
+        node: &str,
+        user: &str,
+        connection: &str,
+    ) -> Result<Option<Edge>, RegistryError> {
+        let reply: String = self
+            .run(&self.scripts.connect, &[node, user, connection])
+            .await?;
+        edge(&reply)
+    }
+
+    async fn disconnect(
+        &self,
+        _user: &str,
+        connection: &str,
+    ) -> Result<Vec<Departure>, RegistryError> {
+        let reply: Vec<String> = self.run(&self.scripts.disconnect, &[connection]).await?;
+        departures(&reply)
+    }
+
+    async fn join(
+        &self,
+        room: &str,
+        user: &str,
+        connection: &str,
+    ) -> Result<Option<Edge>, RegistryError> {
+        let reply: String = self
+            .run(&self.scripts.join, &[room, user, connection])
+            .await?;
+        edge(&reply)
+    }
+
+    async fn leave(
+        &self,
+        room: &str,
+        user: &str,
+        connection: &str,
+    ) -> Result<Option<Edge>, RegistryError> {
+        let reply: String = self
+            .run(&self.scripts.leave, &[room, user, connection])
+            .await?;
+        edge(&reply)
+    }
+
+    async fn members(&self, room: &str) -> Result<Listing, RegistryError> {
+        self.listing(&format!("room:{room}")).await
+    }
+
+    async fn online(&self) -> Result<Listing, RegistryError> {
+        self.listing("online").await
+    }
+
+    async fn sweep(&self) -> Result<Vec<Departure>, RegistryError> {
+        let reply: Vec<String> = self.run(&self.scripts.sweep, &[]).await?;
+        departures(&reply)
+    }
+}
