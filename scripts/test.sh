@@ -2,11 +2,14 @@
 # The whole test suite, as the README documents it and CI runs it.
 #
 # Everything a test needs is brought up from here, so a fresh clone on a fresh machine passes with
-# no manual setup: cargo for the Rust suites, and scripts/browser-test.sh installs Chromium and
-# playwright-core for the browser test when they are missing. Backends that need a server (Redis)
-# add their start-up here, next to the tests that use them.
+# no manual setup: cargo for the Rust suites, a throwaway redis-server for the Redis backends
+# (scripts/redis-for-tests.sh installs it when missing), and scripts/browser-test.sh installs
+# Chromium and playwright-core for the browser test when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Never skipped: with CHAT_TEST_REDIS_URL unset the Redis tests fail and say why.
+. scripts/redis-for-tests.sh
 
 cargo test --workspace --all-features --all-targets
 cargo test --workspace --all-features --doc

@@ -11,10 +11,11 @@
 //! Redis and one prefix, and tests can give each instance a prefix of its own. Nothing here ever
 //! touches a key outside its prefix.
 
+use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError};
+use redis::{Client, RedisError, RedisResult};
 
 /// How long one command may take before it counts as failed.
 pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
@@ -36,6 +37,35 @@ pub(crate) async fn connect(url: &str) -> Result<(Client, ConnectionManager), St
         .await
         .map_err(|error| format!("cannot connect to Redis at {url}: {}", describe(&error)))?;
     Ok((client, manager))
+}
+
+/// Runs a Redis call, and once more if it failed before anything reached Redis.
+///
+/// After an outage, the first command on a connection manager fails: either the manager answers
+/// with its last reconnect attempt's failure, or it writes to the socket of the Redis that went
+/// away. Both reconnect, so without this the first operation after every outage would fail.
+/// Only failures that prove the command never left are retried (a refused connection, a write
+/// the socket did not accept), so even a non-idempotent script runs at most once; a command that
+/// may have reached Redis (a reset, a timeout) is never retried.
+pub(crate) async fn once_more_if_unsent<T, F, Fut>(mut call: F) -> RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = RedisResult<T>>,
+{
+    match call().await {
+        Err(error) if never_sent(&error) => call().await,
+        other => other,
+    }
+}
+
+fn never_sent(error: &RedisError) -> bool {
+    // redis-rs keeps the I/O error behind an `Arc<dyn Error>`.
+    type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+    let broken_pipe = std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<Shared>())
+        .and_then(|shared| shared.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+    error.is_connection_refusal() || broken_pipe
 }
 
 /// A Redis error as the backends report it.

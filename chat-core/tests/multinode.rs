@@ -3,10 +3,16 @@
 //! reaches the layer through its own `FaultyLayer` (delays that make messages overtake each other,
 //! losses, outages) and the registry through a cable the test can cut (a node that dies without
 //! saying goodbye).
+//!
+//! Every test runs twice: on the in-memory backends (shared by the nodes), and on the Redis
+//! backends (cargo feature `redis`), where each node has its own connections to one Redis under
+//! one prefix, exactly as separate processes would.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[cfg(feature = "redis")]
+mod redis_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,18 +20,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chat_core::layer::{FaultyLayer, InMemoryChannelLayer, LayerConfig};
+use chat_core::layer::{ChannelLayer, FaultyLayer, InMemoryChannelLayer, LayerConfig};
 use chat_core::registry::{
     Departure, Edge, InMemoryRegistry, Lease, Listing, Registry, RegistryError,
 };
-use chat_core::store::InMemoryHistoryStore;
+use chat_core::store::{HistoryStore, InMemoryHistoryStore};
 use chat_core::{Chat, ChatConfig};
 use common::{Client, Watcher};
 use serde_json::{json, Value};
 
 /// A node's connection to the shared registry, which the test can cut.
 struct Cable {
-    registry: Arc<InMemoryRegistry>,
+    registry: Arc<dyn Registry>,
     cut: AtomicBool,
 }
 
@@ -89,25 +95,66 @@ struct Cluster {
     nodes: Vec<Node>,
 }
 
+/// Where the nodes' shared state lives.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Memory,
+    #[cfg(feature = "redis")]
+    Redis,
+}
+
+/// One node's three backends.
+type Parts = (
+    Arc<dyn ChannelLayer>,
+    Arc<dyn Registry>,
+    Arc<dyn HistoryStore>,
+);
+
 impl Cluster {
-    fn new(count: usize, config: ChatConfig) -> Self {
-        let capacity = config.outbound_queue;
-        let network = Arc::new(InMemoryChannelLayer::new(
-            LayerConfig::default().with_channel_capacity("conn.*", capacity),
-        ));
-        let registry = Arc::new(InMemoryRegistry::default());
-        let store = Arc::new(InMemoryHistoryStore::default());
-        let nodes = (0..count)
-            .map(|_| {
-                let layer = FaultyLayer::new(network.clone());
+    async fn new(backend: Backend, count: usize, config: ChatConfig) -> Self {
+        let layer_config =
+            LayerConfig::default().with_channel_capacity("conn.*", config.outbound_queue);
+        let mut parts: Vec<Parts> = Vec::new();
+        match backend {
+            Backend::Memory => {
+                let layer: Arc<dyn ChannelLayer> =
+                    Arc::new(InMemoryChannelLayer::new(layer_config));
+                let registry: Arc<dyn Registry> = Arc::new(InMemoryRegistry::default());
+                let store: Arc<dyn HistoryStore> = Arc::new(InMemoryHistoryStore::default());
+                for _ in 0..count {
+                    parts.push((layer.clone(), registry.clone(), store.clone()));
+                }
+            }
+            #[cfg(feature = "redis")]
+            Backend::Redis => {
+                use chat_core::layer::RedisChannelLayer;
+                use chat_core::registry::RedisRegistry;
+                use chat_core::store::{RedisHistoryStore, StoreConfig};
+                let (url, prefix) = (redis_support::url(), redis_support::prefix());
+                for _ in 0..count {
+                    let layer = RedisChannelLayer::connect(&[&url], &prefix, layer_config.clone())
+                        .await
+                        .unwrap();
+                    let registry = RedisRegistry::connect(&url, &prefix).await.unwrap();
+                    let store = RedisHistoryStore::connect(&url, &prefix, StoreConfig::default())
+                        .await
+                        .unwrap();
+                    parts.push((Arc::new(layer), Arc::new(registry), Arc::new(store)));
+                }
+            }
+        }
+        let nodes = parts
+            .into_iter()
+            .map(|(network, registry, store)| {
+                let layer = FaultyLayer::new(network);
                 let cable = Arc::new(Cable {
-                    registry: Arc::clone(&registry),
+                    registry,
                     cut: AtomicBool::new(false),
                 });
                 let chat = Chat::builder()
                     .layer(Arc::new(layer.clone()))
                     .registry(cable.clone())
-                    .store(store.clone())
+                    .store(store)
                     .config(config.clone())
                     .build();
                 Node { chat, layer, cable }
@@ -199,9 +246,8 @@ async fn send_all(client: &mut Client, room: &str, tag: &str, count: usize) -> V
     acked
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn room_and_direct_messages_cross_nodes_and_stay_private() {
-    let cluster = Cluster::new(2, fast());
+async fn room_and_direct_messages_cross_nodes_and_stay_private(backend: Backend) {
+    let cluster = Cluster::new(backend, 2, fast()).await;
     let mut alice = Client::connect(cluster.chat(0), "alice").await;
     let mut bob = Client::connect(cluster.chat(1), "bob").await;
     let mut carol = Client::connect(cluster.chat(1), "carol").await;
@@ -232,9 +278,8 @@ async fn room_and_direct_messages_cross_nodes_and_stay_private() {
     assert_eq!(online, ["alice", "bob", "carol"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_senders_on_three_nodes_are_delivered_in_id_order_everywhere() {
-    let cluster = Cluster::new(3, fast());
+async fn concurrent_senders_on_three_nodes_are_delivered_in_id_order_everywhere(backend: Backend) {
+    let cluster = Cluster::new(backend, 3, fast()).await;
     // Publishes overtake each other by up to 3 ms, as they do between nodes.
     cluster.jitter(Duration::from_millis(3));
     let mut readers = Vec::new();
@@ -272,9 +317,8 @@ async fn concurrent_senders_on_three_nodes_are_delivered_in_id_order_everywhere(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_the_layer_lost_are_repaired_from_the_store_in_order() {
-    let cluster = Cluster::new(2, fast());
+async fn messages_the_layer_lost_are_repaired_from_the_store_in_order(backend: Backend) {
+    let cluster = Cluster::new(backend, 2, fast()).await;
     let mut readers = Vec::new();
     for node in 0..2 {
         let mut reader = Client::connect(cluster.chat(node), &format!("reader{node}")).await;
@@ -318,9 +362,8 @@ async fn messages_the_layer_lost_are_repaired_from_the_store_in_order() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_on_another_node_is_acked_with_the_first_id_and_delivered_once() {
-    let cluster = Cluster::new(2, fast());
+async fn a_retry_on_another_node_is_acked_with_the_first_id_and_delivered_once(backend: Backend) {
+    let cluster = Cluster::new(backend, 2, fast()).await;
     let mut alice = Client::connect(cluster.chat(0), "alice").await;
     let mut alice_elsewhere = Client::connect(cluster.chat(1), "alice").await;
     let mut bob = Client::connect(cluster.chat(1), "bob").await;
@@ -358,9 +401,8 @@ async fn a_retry_on_another_node_is_acked_with_the_first_id_and_delivered_once()
     bob.expect_silence().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_crosses_nodes_and_a_reload_across_nodes_ends_online() {
-    let cluster = Cluster::new(3, fast());
+async fn presence_crosses_nodes_and_a_reload_across_nodes_ends_online(backend: Backend) {
+    let cluster = Cluster::new(backend, 3, fast()).await;
     cluster.jitter(Duration::from_millis(2));
     let mut watcher = Watcher::new(cluster.chat(0)).await;
     let tab = Client::connect(cluster.chat(1), "alice").await;
@@ -375,6 +417,10 @@ async fn presence_crosses_nodes_and_a_reload_across_nodes_ends_online() {
     assert_eq!(cluster.chat(2).online_users().await.unwrap(), ["watcher"]);
 }
 
+/// A lease short enough for a test to outlive on the real clock (Redis keeps its own time, so
+/// these tests cannot pause it).
+const LEASE: Duration = Duration::from_secs(2);
+
 fn leased(lease: Duration) -> ChatConfig {
     ChatConfig {
         node_lease: lease,
@@ -385,10 +431,11 @@ fn leased(lease: Duration) -> ChatConfig {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_node_that_dies_without_goodbye_leaves_online_and_its_rooms_within_its_lease() {
-    let lease = Duration::from_secs(30);
-    let cluster = Cluster::new(2, leased(lease));
+async fn a_node_that_dies_without_goodbye_leaves_online_and_its_rooms_within_its_lease(
+    backend: Backend,
+) {
+    let lease = LEASE;
+    let cluster = Cluster::new(backend, 2, leased(lease)).await;
     let mut watcher = Watcher::new(cluster.chat(0)).await;
     let mut bob = Client::connect(cluster.chat(0), "bob").await;
     bob.join("lobby").await;
@@ -402,7 +449,8 @@ async fn a_node_that_dies_without_goodbye_leaves_online_and_its_rooms_within_its
     cluster.nodes[1].cable.cut.store(true, Ordering::SeqCst);
     cluster.nodes[1].layer.fail(true);
     alice.disconnect().await;
-    tokio::time::sleep(lease / 2).await;
+    // Its last heartbeat was at most a third of the lease before it died.
+    tokio::time::sleep(lease / 4).await;
     assert_eq!(
         cluster.chat(0).online_users().await.unwrap(),
         ["alice", "bob", "watcher"],
@@ -428,10 +476,11 @@ async fn a_node_that_dies_without_goodbye_leaves_online_and_its_rooms_within_its
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_node_whose_lease_was_swept_closes_its_connections_so_they_register_again() {
-    let lease = Duration::from_secs(30);
-    let cluster = Cluster::new(2, leased(lease));
+async fn a_node_whose_lease_was_swept_closes_its_connections_so_they_register_again(
+    backend: Backend,
+) {
+    let lease = LEASE;
+    let cluster = Cluster::new(backend, 2, leased(lease)).await;
     let mut watcher = Watcher::new(cluster.chat(0)).await;
     let mut alice = Client::connect(cluster.chat(1), "alice").await;
     watcher.until("alice", true).await;
@@ -450,9 +499,8 @@ async fn a_node_whose_lease_was_swept_closes_its_connections_so_they_register_ag
     watcher.until("alice", true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publish_that_fails_after_storing_is_acked_once_it_gets_through() {
-    let cluster = Cluster::new(2, fast());
+async fn a_publish_that_fails_after_storing_is_acked_once_it_gets_through(backend: Backend) {
+    let cluster = Cluster::new(backend, 2, fast()).await;
     let mut alice = Client::connect(cluster.chat(0), "alice").await;
     let mut bob = Client::connect(cluster.chat(1), "bob").await;
     alice.join("lobby").await;
@@ -487,9 +535,8 @@ async fn a_publish_that_fails_after_storing_is_acked_once_it_gets_through() {
     assert_eq!(bob.recv_type("message").await["id"], 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_conversations_stay_in_order_when_both_sides_write_at_once() {
-    let cluster = Cluster::new(2, fast());
+async fn direct_conversations_stay_in_order_when_both_sides_write_at_once(backend: Backend) {
+    let cluster = Cluster::new(backend, 2, fast()).await;
     cluster.jitter(Duration::from_millis(3));
     let alice = Client::connect(cluster.chat(0), "alice").await;
     let mut alice_tab = Client::connect(cluster.chat(1), "alice").await;
@@ -543,4 +590,87 @@ async fn direct_conversations_stay_in_order_when_both_sides_write_at_once() {
         *by_id.entry(*id).or_insert(0) += 1;
     }
     assert!(by_id.values().all(|count| *count == 1));
+}
+
+async fn a_loss_with_nothing_after_it_is_found_once_delivery_was_interrupted(backend: Backend) {
+    let cluster = Cluster::new(backend, 2, fast()).await;
+    let mut alice = Client::connect(cluster.chat(0), "alice").await;
+    let mut bob = Client::connect(cluster.chat(1), "bob").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
+    alice.recv_type("member").await;
+    alice.say("lobby", "seen").await;
+    assert_eq!(bob.recv_type("message").await["id"], 1);
+
+    // Two messages and a direct message are lost on the way, and nothing follows them.
+    cluster.nodes[0].layer.lose_group_sends(1.0);
+    send_all(&mut alice, "lobby", "lost", 2).await;
+    alice
+        .send(json!({"type": "direct", "to": "bob", "body": "lost dm"}))
+        .await;
+    while alice.recv().await["type"] != "ack" {}
+    cluster.nodes[0].layer.lose_group_sends(0.0);
+    bob.expect_silence().await;
+
+    // Bob's node says its delivery was interrupted: his connection looks everything up.
+    cluster.nodes[1].layer.interrupt();
+    let mut room = Vec::new();
+    let mut direct = None;
+    while room.len() < 2 || direct.is_none() {
+        let frame = bob.recv().await;
+        match frame["type"].as_str() {
+            Some("message") => room.push(frame["body"].as_str().unwrap().to_owned()),
+            Some("direct") => direct = Some(frame["body"].clone()),
+            _ => {}
+        }
+    }
+    assert_eq!(room, ["lost-0", "lost-1"]);
+    assert_eq!(direct, Some(json!("lost dm")));
+    bob.expect_silence().await;
+}
+
+/// One `#[tokio::test]` per backend for each test above.
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Memory).await;
+                }
+            )*
+        }
+        #[cfg(feature = "redis")]
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Redis).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    room_and_direct_messages_cross_nodes_and_stay_private,
+    concurrent_senders_on_three_nodes_are_delivered_in_id_order_everywhere,
+    messages_the_layer_lost_are_repaired_from_the_store_in_order,
+    a_retry_on_another_node_is_acked_with_the_first_id_and_delivered_once,
+    presence_crosses_nodes_and_a_reload_across_nodes_ends_online,
+    a_node_that_dies_without_goodbye_leaves_online_and_its_rooms_within_its_lease,
+    a_node_whose_lease_was_swept_closes_its_connections_so_they_register_again,
+    a_publish_that_fails_after_storing_is_acked_once_it_gets_through,
+    direct_conversations_stay_in_order_when_both_sides_write_at_once,
+);
+
+// A Redis layer reports its own interruptions, so the injected one is for the memory backend.
+mod memory_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_loss_with_nothing_after_it_is_found_once_delivery_was_interrupted() {
+        super::a_loss_with_nothing_after_it_is_found_once_delivery_was_interrupted(
+            super::Backend::Memory,
+        )
+        .await;
+    }
 }

@@ -15,9 +15,11 @@
 //! **Order.** Each conversation the connection takes part in (a joined room, a direct
 //! conversation) has a [`Sequencer`]: messages leave in id order, each once, whatever order the
 //! layer brought them in; a gap that does not close within `gap_grace` is read from the store
-//! (paced by the room left in the outbound queue). `member` and `presence` events pass an
-//! [`EdgeFilter`] so an older edge never lands after a newer one. `docs/ordering.md` tells the
-//! whole story.
+//! (paced by the room left in the outbound queue). When the channel layer says delivery to this
+//! connection was interrupted (a Redis subscription was made again), every conversation is
+//! checked against the store, since a loss with nothing after it would otherwise go unnoticed.
+//! `member` and `presence` events pass an [`EdgeFilter`] so an older edge never lands after a
+//! newer one. `docs/ordering.md` tells the whole story.
 //!
 //! **Joining** is gap-free and duplicate-free: the connection subscribes to the room's group
 //! *before* reading history, buffers the room's live frames until `joined` is queued, then
@@ -68,6 +70,8 @@ enum Key {
     Room(String),
     /// A direct conversation, by the other user.
     Direct(String),
+    /// Delivery was interrupted: find the direct conversations with news in the store.
+    Resync,
 }
 
 /// A room as this connection sees it.
@@ -1037,6 +1041,7 @@ impl Connection {
         &self,
         mut subscription: Subscription,
     ) -> Result<CloseReason, CloseReason> {
+        let mut interruptions = subscription.interruptions();
         loop {
             let next_repair = lock(&self.shared)
                 .repairs
@@ -1066,6 +1071,7 @@ impl Connection {
                 }
                 () = repair_due => self.repair_due().await?,
                 () = self.repairs_changed.notified() => {}
+                () = interruptions.next() => self.suspect_everything(),
             }
         }
     }
@@ -1224,6 +1230,64 @@ impl Connection {
         Ok(())
     }
 
+    /// Delivery was interrupted: every live room is read from the store after what it delivered,
+    /// and the direct conversations are looked up (a [`Key::Resync`]), all at once.
+    fn suspect_everything(&self) {
+        let now = Instant::now();
+        let since = now.checked_sub(self.inner.config.gap_grace).unwrap_or(now);
+        let mut shared = lock(&self.shared);
+        let Shared { rooms, repairs, .. } = &mut *shared;
+        for (name, room) in rooms.iter_mut() {
+            if let RoomState::Live(sequencer) = &mut room.state {
+                sequencer.suspect(since);
+                repairs.push(Reverse((now, Key::Room(name.clone()))));
+            }
+        }
+        // The direct conversations' news is found by the resync.
+        repairs.push(Reverse((now, Key::Resync)));
+        tracing::info!(
+            user = self.user,
+            "delivery was interrupted; checking for missed messages"
+        );
+    }
+
+    /// Finds the direct conversations with messages after what this connection delivered, and
+    /// suspects them. Returns when to try again if the store failed.
+    async fn resync_directs(&self) -> Option<Instant> {
+        let heads = match self.inner.store.direct_heads(&self.user).await {
+            Ok(heads) => heads,
+            Err(error) => {
+                tracing::warn!(%error, user = self.user, "resync failed; retrying");
+                return Some(Instant::now() + REPAIR_RETRY);
+            }
+        };
+        let now = Instant::now();
+        let since = now.checked_sub(self.inner.config.gap_grace).unwrap_or(now);
+        let capacity = self.sequencer_capacity();
+        let mut shared = lock(&self.shared);
+        let Shared {
+            directs,
+            direct_heads,
+            repairs,
+            ..
+        } = &mut *shared;
+        for (partner, head) in heads {
+            let known = directs
+                .get(&partner)
+                .map(|direct| direct.sequencer.delivered())
+                .or_else(|| direct_heads.get(&partner).copied())
+                .unwrap_or(0);
+            if head <= known {
+                continue;
+            }
+            if let Some(direct) = direct_entry(directs, direct_heads, &partner, capacity) {
+                direct.sequencer.suspect(since);
+                repairs.push(Reverse((now, Key::Direct(partner))));
+            }
+        }
+        None
+    }
+
     /// Runs every repair whose time has come.
     async fn repair_due(&self) -> Result<(), CloseReason> {
         let now = Instant::now();
@@ -1242,7 +1306,11 @@ impl Connection {
             }
         }
         for key in due {
-            if let Some(at) = self.repair(&key).await? {
+            let again = match &key {
+                Key::Resync => self.resync_directs().await,
+                _ => self.repair(&key).await?,
+            };
+            if let Some(at) = again {
                 lock(&self.shared).repairs.push(Reverse((at, key)));
             }
         }
@@ -1272,6 +1340,7 @@ impl Connection {
             let conversation = match key {
                 Key::Room(room) => Conversation::room(room.as_str()),
                 Key::Direct(partner) => Conversation::direct(&self.user, partner),
+                Key::Resync => return Ok(None),
             };
             (conversation, after, upto, generation)
         };
@@ -1302,7 +1371,7 @@ impl Connection {
                 .get(partner)
                 .map(|direct| direct.own.clone())
                 .unwrap_or_default(),
-            Key::Room(_) => BTreeSet::new(),
+            Key::Room(_) | Key::Resync => BTreeSet::new(),
         };
         let stored: Vec<(u64, Frame)> = page
             .messages
@@ -1337,6 +1406,7 @@ impl Connection {
     fn repaired_frame(&self, key: &Key, own: &BTreeSet<u64>, message: StoredMessage) -> Frame {
         match key {
             Key::Room(room) => Some(room_view(room, message).encode()),
+            Key::Resync => None,
             Key::Direct(_) => {
                 if message.from == self.user && own.contains(&message.id) {
                     None
@@ -1364,6 +1434,7 @@ fn sequencer_of<'a>(shared: &'a mut Shared, key: &Key) -> Option<(&'a mut Sequen
             .directs
             .get_mut(partner)
             .map(|direct| (&mut direct.sequencer, 0)),
+        Key::Resync => None,
     }
 }
 

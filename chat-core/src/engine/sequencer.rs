@@ -13,12 +13,20 @@
 //! between storing and publishing, a layer that dropped it): the connection then reads the gap
 //! from the store and [`fill`](Sequencer::fill)s it.
 //!
+//! When the channel layer says delivery was interrupted, messages may be missing that no later
+//! arrival points to; [`suspect`](Sequencer::suspect) then makes the store be read after
+//! `delivered` once, up to its newest id.
+//!
 //! It is pure bookkeeping with no I/O, so every arrival order can be tested.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use tokio::time::Instant;
+
+/// How far past `delivered` one read of a suspected conversation looks (a read returns fewer
+/// when the store holds fewer; the probe goes on until the store says there is no more).
+const PROBE_SPAN: u64 = 100;
 
 /// A frame for the client, or `None` for a message this connection must count but not receive
 /// (its own direct message, answered with an `ack` instead).
@@ -37,6 +45,8 @@ pub(crate) struct Sequencer {
     capacity: usize,
     /// Since when the id after `delivered` has been missing.
     gap_since: Option<Instant>,
+    /// The store may hold messages after `delivered` that never arrived.
+    probe: bool,
 }
 
 impl Sequencer {
@@ -48,6 +58,7 @@ impl Sequencer {
             pending: BTreeMap::new(),
             capacity,
             gap_since: None,
+            probe: false,
         }
     }
 
@@ -62,9 +73,23 @@ impl Sequencer {
     }
 
     /// The ids to read from the store to close the gap: those after `delivered` up to the
-    /// highest seen, or `None` when nothing is missing.
+    /// highest seen (or a span past it, when suspected), or `None` when nothing is missing.
     pub(crate) fn missing(&self) -> Option<(u64, u64)> {
-        (self.seen > self.delivered).then_some((self.delivered, self.seen))
+        if self.seen > self.delivered {
+            Some((self.delivered, self.seen))
+        } else if self.probe {
+            Some((self.delivered, self.delivered.saturating_add(PROBE_SPAN)))
+        } else {
+            None
+        }
+    }
+
+    /// Delivery was interrupted: messages may be missing that no arrival will point to. The
+    /// next repair reads the store after `delivered`, without waiting for a grace period if
+    /// `since` is already that long ago.
+    pub(crate) fn suspect(&mut self, since: Instant) {
+        self.probe = true;
+        self.gap_since = Some(self.gap_since.map_or(since, |at| at.min(since)));
     }
 
     /// A live message arrived. Whatever can now go out in order goes to `emit`. Returns `true`
@@ -122,9 +147,16 @@ impl Sequencer {
             self.release_below(head.saturating_add(1), emit)?;
             self.delivered = self.delivered.max(head);
             self.drain(emit)?;
+            self.probe = false;
         }
         self.seen = self.seen.max(self.delivered);
-        self.restart_gap_clock(now);
+        // A gap still open after a repair is being worked through: the next read follows at
+        // once (paced by the caller), not after another grace period.
+        if self.seen > self.delivered || self.probe {
+            self.gap_since.get_or_insert(now);
+        } else {
+            self.gap_since = None;
+        }
         Ok(())
     }
 
@@ -172,7 +204,7 @@ impl Sequencer {
     /// After progress, a remaining gap is a new wait: its clock starts now. `true` when a gap is
     /// open.
     fn restart_gap_clock(&mut self, now: Instant) -> bool {
-        self.gap_since = (self.seen > self.delivered).then_some(now);
+        self.gap_since = (self.seen > self.delivered || self.probe).then_some(now);
         self.gap_since.is_some()
     }
 }
@@ -315,6 +347,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_suspected_conversation_is_read_until_the_store_has_no_more() {
+        let now = Instant::now();
+        let mut seq = Sequencer::new(5, 8);
+        let mut out = Vec::new();
+        assert_eq!(seq.missing(), None);
+        seq.suspect(now);
+        assert_eq!(seq.gap_since(), Some(now));
+        let (after, upto) = seq.missing().unwrap();
+        assert_eq!((after, upto), (5, 5 + PROBE_SPAN));
+        // The store had 6..=8 and nothing after.
+        let stored = (6..=8).map(|id| (id, frame(id)));
+        seq.fill(stored, Some(8), now, &mut collect(&mut out))
+            .unwrap();
+        assert_eq!(out, [6, 7, 8]);
+        assert_eq!((seq.missing(), seq.gap_since()), (None, None));
+        // A suspicion with nothing new clears on an empty, complete read.
+        seq.suspect(now);
+        seq.fill([], Some(8), now, &mut collect(&mut out)).unwrap();
+        assert_eq!(seq.missing(), None);
+    }
+
+    #[test]
+    fn a_repair_cut_short_goes_on_without_a_new_grace() {
+        let start = Instant::now();
+        let later = start + std::time::Duration::from_secs(1);
+        let mut seq = Sequencer::new(0, 8);
+        let mut out = Vec::new();
+        seq.offer(10, frame(10), start, &mut collect(&mut out))
+            .unwrap();
+        seq.fill([(1, frame(1))], None, later, &mut collect(&mut out))
+            .unwrap();
+        assert_eq!(seq.gap_since(), Some(start), "the gap keeps its age");
     }
 
     proptest! {

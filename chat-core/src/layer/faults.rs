@@ -2,8 +2,9 @@
 //!
 //! It wraps any layer and, on command, delays each `group_send` by a random time (so messages
 //! from different senders overtake each other, as they do between nodes), silently loses a share
-//! of them (as Redis pub/sub does across a reconnect), or fails every call (as a layer whose
-//! server is down does). The Channels specification suggests such a mode for testing what a
+//! of them (as Redis pub/sub does across a reconnect), fails every call (as a layer whose server
+//! is down does), or tells its subscriptions that delivery was interrupted (as a layer does once
+//! its connection is made again). The Channels specification suggests such a mode for testing what a
 //! consumer does when the layer is imperfect; the engine's ordering and repair tests run on it.
 
 use std::collections::hash_map::RandomState;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::sync::watch;
 
 use super::{ChannelLayer, GroupSendReport, LayerError, LayerStats, Subscription};
 
@@ -43,6 +45,7 @@ struct Faults {
     failing: AtomicBool,
     lost: AtomicU64,
     random: Mutex<u64>,
+    interruptions: watch::Sender<u64>,
 }
 
 impl Faults {
@@ -76,6 +79,7 @@ impl FaultyLayer {
                 failing: AtomicBool::new(false),
                 lost: AtomicU64::new(0),
                 random: Mutex::new(RandomState::new().hash_one(0u64) | 1),
+                interruptions: watch::channel(0).0,
             }),
         }
     }
@@ -102,6 +106,12 @@ impl FaultyLayer {
         self.faults.failing.store(failing, Ordering::Relaxed);
     }
 
+    /// Tells every subscription made through this layer that delivery was interrupted (unless
+    /// the wrapped layer reports its own interruptions).
+    pub fn interrupt(&self) {
+        self.faults.interruptions.send_modify(|count| *count += 1);
+    }
+
     /// How many `group_send`s were lost on purpose so far.
     pub fn lost(&self) -> u64 {
         self.faults.lost.load(Ordering::Relaxed)
@@ -112,7 +122,11 @@ impl FaultyLayer {
 impl ChannelLayer for FaultyLayer {
     async fn new_channel(&self, prefix: &str) -> Result<Subscription, LayerError> {
         self.faults.check()?;
-        self.inner.new_channel(prefix).await
+        let subscription = self.inner.new_channel(prefix).await?;
+        if subscription.reports_interruptions() {
+            return Ok(subscription);
+        }
+        Ok(subscription.with_interruptions(self.faults.interruptions.subscribe()))
     }
 
     async fn send(&self, channel: &str, message: Bytes) -> Result<(), LayerError> {

@@ -250,6 +250,13 @@ impl InMemoryChannelLayer {
         &self.shared.config
     }
 
+    /// Whether `group` has any member (lapsed ones included until a `group_send` prunes them).
+    /// A networked layer that fans out locally asks this to know when to stop listing this
+    /// process as having members.
+    pub(crate) fn has_members(&self, group: &str) -> bool {
+        lock(&self.shared.registry).groups.contains_key(group)
+    }
+
     /// Removes the lapsed memberships of `group_name`, unless they were refreshed (re-added
     /// after `cutoff`) while the send ran without the lock.
     fn remove_lapsed(&self, group_name: &str, lapsed: &[Arc<Queue>], cutoff: Instant) {

@@ -17,7 +17,8 @@
 //! Messages are [`Bytes`]: encoded once by the sender, then shared by reference count, so a
 //! `group_send` to ten thousand members copies no payload and serializes nothing per member.
 //!
-//! Implementations: [`InMemoryChannelLayer`] for one process. Every implementation is expected to
+//! Implementations: [`InMemoryChannelLayer`] for one process; `RedisChannelLayer` (cargo feature
+//! `redis`) for many, which fans out per node. Every implementation is expected to
 //! pass the conformance suite in `chat_core::layer::conformance` (cargo feature `testing`). The
 //! same feature has `FaultyLayer`, which wraps any layer and delays, loses or refuses messages on
 //! command, for testing what sits above a layer that misbehaves.
@@ -25,6 +26,8 @@
 mod config;
 mod memory;
 mod names;
+#[cfg(feature = "redis")]
+mod redis;
 mod subscription;
 
 #[cfg(feature = "testing")]
@@ -35,12 +38,14 @@ mod faults;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+#[cfg(feature = "redis")]
+pub use self::redis::RedisChannelLayer;
 pub use config::{CapacityPattern, LayerConfig};
 #[cfg(feature = "testing")]
 pub use faults::FaultyLayer;
 pub use memory::InMemoryChannelLayer;
 pub use names::{validate_channel_name, validate_group_name, MAX_NAME_LEN};
-pub use subscription::Subscription;
+pub use subscription::{Interruptions, Subscription};
 
 pub(crate) use subscription::unique_channel_name;
 
@@ -78,6 +83,9 @@ pub struct GroupSendReport {
     pub dropped_full: usize,
     /// Memberships found lapsed (older than `group_expiry`) and removed instead of delivered to.
     pub expired_members: usize,
+    /// Other processes the message was handed to, for their members (a networked layer: each
+    /// counts its own deliveries and drops in its own stats).
+    pub forwarded: usize,
 }
 
 /// Counters a layer keeps since it was created, so that drops are visible, not silent.

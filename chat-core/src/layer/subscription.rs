@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::watch;
 
 /// Length of the random part of a name made by `new_channel`.
 pub(crate) const SUFFIX_LEN: usize = 16;
@@ -25,6 +26,7 @@ pub struct Subscription {
     name: String,
     stream: Pin<Box<dyn Stream<Item = Bytes> + Send>>,
     missed: Arc<AtomicU64>,
+    interruptions: Option<watch::Receiver<u64>>,
 }
 
 impl Subscription {
@@ -40,13 +42,40 @@ impl Subscription {
             name,
             stream: Box::pin(stream),
             missed,
+            interruptions: None,
         }
+    }
+
+    /// Lets the backend say when delivery to this channel was interrupted: a networked layer
+    /// whose connection broke and was made again bumps the value, because what was sent to the
+    /// channel meanwhile may be lost without being counted in [`missed`](Self::missed).
+    pub fn with_interruptions(mut self, interruptions: watch::Receiver<u64>) -> Self {
+        self.interruptions = Some(interruptions);
+        self
+    }
+
+    /// Whether the backend reports interruptions at all.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn reports_interruptions(&self) -> bool {
+        self.interruptions.is_some()
+    }
+
+    /// A handle that tells when delivery to this channel was interrupted (see
+    /// [`Interruptions`]); kept apart from the subscription so one task can wait on both.
+    pub fn interruptions(&self) -> Interruptions {
+        Interruptions(self.interruptions.clone())
     }
 
     /// How many messages meant for this channel were dropped because it was full. A consumer that
     /// must not miss anything (a chat connection) treats a non-zero count as "too slow".
     pub fn missed(&self) -> u64 {
         self.missed.load(Ordering::Relaxed)
+    }
+
+    /// The drop counter itself, for a layer that wraps another layer's subscription.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn missed_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.missed)
     }
 
     /// The channel's name: give it to `send` or `group_add`.
@@ -62,6 +91,29 @@ impl Subscription {
     /// The next message if one is already queued, without waiting.
     pub fn try_recv(&mut self) -> Option<Bytes> {
         self.stream.next().now_or_never().flatten()
+    }
+}
+
+/// Tells a subscriber when delivery was interrupted: the layer lost its connection and made it
+/// again, so messages sent to the channel meanwhile may be gone without being counted in
+/// [`Subscription::missed`]. A consumer that must not miss anything then checks what it may
+/// have missed (a chat connection reads its conversations' news from the history store).
+#[derive(Debug)]
+pub struct Interruptions(Option<watch::Receiver<u64>>);
+
+impl Interruptions {
+    /// Completes at the next interruption (never, for a backend that cannot be interrupted).
+    pub async fn next(&mut self) {
+        match &mut self.0 {
+            Some(interruptions) => {
+                if interruptions.changed().await.is_err() {
+                    // The layer is gone: nothing will be interrupted any more.
+                    self.0 = None;
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 

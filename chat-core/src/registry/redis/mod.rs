@@ -14,7 +14,7 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 
 use super::{Departure, Edge, Lease, Listing, Registry, RegistryError};
-use crate::redis_client::{self, describe};
+use crate::redis_client::{self, describe, once_more_if_unsent};
 
 /// A [`Registry`] in Redis. Cheap to clone; clones share one multiplexed connection.
 ///
@@ -138,10 +138,13 @@ impl RedisRegistry {
         for arg in args {
             invocation.arg(*arg);
         }
-        invocation
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(failed)
+        let invocation = &invocation;
+        once_more_if_unsent(|| {
+            let mut connection = self.connection.clone();
+            async move { invocation.invoke_async(&mut connection).await }
+        })
+        .await
+        .map_err(failed)
     }
 
     async fn listing(&self, set: &str) -> Result<Listing, RegistryError> {

@@ -14,13 +14,13 @@
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
-use redis::Script;
+use redis::{FromRedisValue, Script, ScriptInvocation};
 
 use super::{
     Appended, Conversation, HistoryStore, InboxEntry, NewMessage, Page, StoreConfig, StoreError,
     StoredMessage,
 };
-use crate::redis_client::{self, describe};
+use crate::redis_client::{self, describe, once_more_if_unsent};
 
 /// A [`HistoryStore`] in Redis. Cheap to clone; clones share one multiplexed connection.
 ///
@@ -107,6 +107,19 @@ impl RedisHistoryStore {
         })
     }
 
+    /// Runs a prepared script.
+    async fn call<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        once_more_if_unsent(|| {
+            let mut connection = self.connection.clone();
+            async move { invocation.invoke_async(&mut connection).await }
+        })
+        .await
+        .map_err(failed)
+    }
+
     /// The key of a conversation (its counter and stream hang off it).
     fn conversation_key(&self, conversation: &Conversation) -> String {
         match conversation {
@@ -123,17 +136,14 @@ impl RedisHistoryStore {
         limit: usize,
     ) -> Result<Page, StoreError> {
         let key = self.conversation_key(conversation);
-        let reply: Vec<String> = self
-            .scripts
-            .page
+        let mut invocation = self.scripts.page.prepare_invoke();
+        invocation
             .key(format!("{key}:n"))
             .key(format!("{key}:s"))
             .arg(direction)
             .arg(bound)
-            .arg(limit.min(1_000_000))
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(failed)?;
+            .arg(limit.min(1_000_000));
+        let reply: Vec<String> = self.call(&invocation).await?;
         let [last, more, rest @ ..] = reply.as_slice() else {
             return Err(malformed("a history page"));
         };
@@ -148,15 +158,13 @@ impl RedisHistoryStore {
     }
 
     async fn inbox_rows(&self, user: &str, heads: bool) -> Result<Vec<String>, StoreError> {
-        self.scripts
-            .inbox
+        let mut invocation = self.scripts.inbox.prepare_invoke();
+        invocation
             .key(format!("{}:inbox:{user}", self.keys))
             .key(format!("{}:dm:{user}", self.keys))
             .key(format!("{}:read:{user}", self.keys))
-            .arg(if heads { "heads" } else { "inbox" })
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(failed)
+            .arg(if heads { "heads" } else { "inbox" });
+        self.call(&invocation).await
     }
 }
 
@@ -172,9 +180,8 @@ impl HistoryStore for RedisHistoryStore {
         let window = u64::try_from(self.config.dedup_window.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        let reply: Vec<String> = self
-            .scripts
-            .append
+        let mut invocation = self.scripts.append.prepare_invoke();
+        invocation
             .key(format!("{key}:n"))
             .key(format!("{key}:s"))
             .key(format!("{key}:ref:{}:{reference}", message.from))
@@ -195,10 +202,8 @@ impl HistoryStore for RedisHistoryStore {
                 "0"
             })
             .arg(&self.keys)
-            .arg(&key)
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(failed)?;
+            .arg(&key);
+        let reply: Vec<String> = self.call(&invocation).await?;
         let [outcome, fields @ ..] = reply.as_slice() else {
             return Err(malformed("an append"));
         };
@@ -234,15 +239,12 @@ impl HistoryStore for RedisHistoryStore {
         conversation: &Conversation,
         id: u64,
     ) -> Result<u64, StoreError> {
-        let position: String = self
-            .scripts
-            .mark_read
+        let mut invocation = self.scripts.mark_read.prepare_invoke();
+        invocation
             .key(format!("{}:read:{user}", self.keys))
             .arg(self.conversation_key(conversation))
-            .arg(id.to_string())
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(failed)?;
+            .arg(id.to_string());
+        let position: String = self.call(&invocation).await?;
         number(&position, "a read position")
     }
 
@@ -278,12 +280,10 @@ impl HistoryStore for RedisHistoryStore {
     }
 
     async fn epoch(&self) -> Result<String, StoreError> {
-        self.scripts
-            .epoch
+        let mut invocation = self.scripts.epoch.prepare_invoke();
+        invocation
             .key(format!("{}:epoch", self.keys))
-            .arg(crate::layer::unique_channel_name("redis"))
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(failed)
+            .arg(crate::layer::unique_channel_name("redis"));
+        self.call(&invocation).await
     }
 }
