@@ -5,9 +5,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chat_core::auth::{Authenticator, DevAuthenticator, JwtAuthenticator};
-use chat_core::Chat;
+use chat_core::layer::{ChannelLayer, LayerConfig, RedisChannelLayer};
+use chat_core::registry::{RedisRegistry, Registry};
+use chat_core::store::{HistoryStore, RedisHistoryStore, StoreConfig};
+use chat_core::{Chat, ChatConfig};
 use clap::{Parser, ValueEnum};
 
 /// Which authentication the server runs.
@@ -38,12 +42,32 @@ pub(crate) struct Cli {
     /// Channel layer.
     #[arg(long, env = "CHAT_LAYER", value_enum, default_value = "memory")]
     pub(crate) layer: LayerMode,
-    /// Redis URL, for `--layer redis`.
-    #[arg(long, env = "CHAT_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub(crate) redis_url: String,
-    /// History store: `memory`, `sqlite://FILE` or `postgres://URL`.
-    #[arg(long, env = "CHAT_STORE", default_value = "memory")]
-    pub(crate) store: String,
+    /// Redis URL(s), for `--layer redis`; several, comma-separated, shard the layer's groups
+    /// across them (the registry and the Redis store use the first).
+    #[arg(
+        long,
+        env = "CHAT_REDIS_URL",
+        value_delimiter = ',',
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub(crate) redis_url: Vec<String>,
+    /// Prefix of every Redis key and channel this server uses; nodes of one deployment share it.
+    #[arg(long, env = "CHAT_REDIS_PREFIX", default_value = "chat")]
+    pub(crate) redis_prefix: String,
+    /// History store: `memory`, `redis`, `sqlite://FILE` or `postgres://URL`. Default: `redis`
+    /// with `--layer redis` (so several nodes agree on ids and history), else `memory`.
+    #[arg(long, env = "CHAT_STORE")]
+    pub(crate) store: Option<String>,
+    /// Seconds a node's registry lease lasts: a node killed without goodbye drops out of
+    /// `online` and its rooms within about this long plus a third.
+    #[arg(long, env = "CHAT_NODE_LEASE", default_value_t = 30)]
+    pub(crate) node_lease: u64,
+    /// Frames per second a connection may send, sustained.
+    #[arg(long, env = "CHAT_RATE_PER_SECOND", default_value_t = ChatConfig::default().rate_per_second)]
+    pub(crate) rate_per_second: f64,
+    /// Frames a connection may send in a burst.
+    #[arg(long, env = "CHAT_RATE_BURST", default_value_t = ChatConfig::default().rate_burst)]
+    pub(crate) rate_burst: u32,
     /// Authentication.
     #[arg(long, env = "CHAT_AUTH", value_enum, default_value = "dev")]
     pub(crate) auth: AuthMode,
@@ -54,26 +78,7 @@ pub(crate) struct Cli {
 
 impl Cli {
     /// Builds the chat server the flags describe, or says clearly why it cannot.
-    pub(crate) fn build(&self) -> Result<Chat, String> {
-        if self.layer == LayerMode::Redis {
-            return Err(format!(
-                "--layer redis ({}) is not available yet: the Redis channel layer has not landed; use --layer memory",
-                self.redis_url
-            ));
-        }
-        match self.store.as_str() {
-            "memory" => {}
-            other if other.starts_with("sqlite://") || other.starts_with("postgres://") => {
-                return Err(format!(
-                    "--store {other} is not available yet: durable history stores have not landed; use --store memory"
-                ));
-            }
-            other => {
-                return Err(format!(
-                    "--store {other:?}: expected memory, sqlite://FILE or postgres://URL"
-                ))
-            }
-        }
+    pub(crate) async fn build(&self) -> Result<Chat, String> {
         let authenticator: Arc<dyn Authenticator> = match self.auth {
             AuthMode::Dev => {
                 tracing::warn!("development authentication: anyone can sign in as anyone (?user=NAME); never expose this server");
@@ -86,7 +91,66 @@ impl Cli {
                 _ => return Err("--auth jwt needs --jwt-secret (or CHAT_JWT_SECRET)".into()),
             },
         };
-        Ok(Chat::builder().authenticator(authenticator).build())
+        let config = ChatConfig {
+            node_lease: Duration::from_secs(self.node_lease.max(1)),
+            rate_per_second: self.rate_per_second,
+            rate_burst: self.rate_burst,
+            ..ChatConfig::default()
+        };
+        let mut builder = Chat::builder().authenticator(authenticator);
+        let redis = self
+            .redis_url
+            .first()
+            .map(String::as_str)
+            .unwrap_or_default();
+        let prefix = &self.redis_prefix;
+        if self.layer == LayerMode::Redis {
+            let layer_config =
+                LayerConfig::default().with_channel_capacity("conn.*", config.outbound_queue);
+            let layer = RedisChannelLayer::connect(&self.redis_url, prefix, layer_config)
+                .await
+                .map_err(|error| format!("--layer redis: {error}"))?;
+            let registry = RedisRegistry::connect(redis, prefix)
+                .await
+                .map_err(|error| format!("--layer redis: {error}"))?;
+            tracing::info!(
+                urls = ?self.redis_url,
+                prefix,
+                "Redis channel layer and registry"
+            );
+            builder = builder
+                .layer(Arc::new(layer) as Arc<dyn ChannelLayer>)
+                .registry(Arc::new(registry) as Arc<dyn Registry>);
+        }
+        let default_store = match self.layer {
+            LayerMode::Redis => "redis",
+            LayerMode::Memory => "memory",
+        };
+        match self.store.as_deref().unwrap_or(default_store) {
+            "memory" => {
+                if self.layer == LayerMode::Redis {
+                    tracing::warn!("--store memory with --layer redis: each node hands out its own ids; use it with one node only");
+                }
+            }
+            "redis" => {
+                let store = RedisHistoryStore::connect(redis, prefix, StoreConfig::default())
+                    .await
+                    .map_err(|error| format!("--store redis: {error}"))?;
+                tracing::info!(url = redis, prefix, "Redis history store");
+                builder = builder.store(Arc::new(store) as Arc<dyn HistoryStore>);
+            }
+            other if other.starts_with("sqlite://") || other.starts_with("postgres://") => {
+                return Err(format!(
+                    "--store {other} is not available yet: durable history stores have not landed; use --store memory or redis"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "--store {other:?}: expected memory, redis, sqlite://FILE or postgres://URL"
+                ))
+            }
+        }
+        Ok(builder.config(config).build())
     }
 
     /// `dev` or `jwt`, for the web page.
@@ -108,7 +172,7 @@ pub(crate) async fn start() -> Result<(Cli, Chat, tokio::net::TcpListener), std:
         eprintln!("error: {message}");
         std::process::ExitCode::FAILURE
     };
-    let chat = cli.build().map_err(fail)?;
+    let chat = cli.build().await.map_err(fail)?;
     let listener = tokio::net::TcpListener::bind(cli.addr)
         .await
         .map_err(|error| fail(format!("cannot listen on {}: {error}", cli.addr)))?;
