@@ -191,3 +191,43 @@ async fn a_redis_restart_refuses_sends_meanwhile_and_loses_nothing_acknowledged(
     }
     assert_eq!(live, ids);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_makes_clients_start_again_with_a_new_epoch() {
+    let mut redis = PrivateRedis::start(false).await;
+    let prefix = prefix();
+    let config = ChatConfig {
+        node_lease: Duration::from_secs(3),
+        ..ChatConfig::default()
+    };
+    let layer = RedisChannelLayer::connect(&[&redis.url], &prefix, LayerConfig::default())
+        .await
+        .unwrap();
+    let chat = Chat::builder()
+        .layer(Arc::new(layer))
+        .registry(Arc::new(
+            RedisRegistry::connect(&redis.url, &prefix).await.unwrap(),
+        ))
+        .store(Arc::new(
+            RedisHistoryStore::connect(&redis.url, &prefix, StoreConfig::default())
+                .await
+                .unwrap(),
+        ))
+        .config(config)
+        .build();
+    let mut alice = Client::connect(&chat, "alice").await;
+
+    // Redis comes back empty: the node's lease is gone with everything else.
+    redis.kill();
+    redis.restart().await;
+    assert_eq!(
+        alice.expect_close().await,
+        1012,
+        "the connection was not closed after Redis lost its data"
+    );
+    let again = Client::connect(&chat, "alice").await;
+    assert_ne!(
+        again.epoch, alice.epoch,
+        "ids start again, so the epoch must change"
+    );
+}

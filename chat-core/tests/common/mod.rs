@@ -19,6 +19,8 @@ pub const QUIET: Duration = Duration::from_millis(200);
 
 pub struct Client {
     pub user: String,
+    /// The store epoch the `welcome` named.
+    pub epoch: String,
     tx: mpsc::Sender<Inbound>,
     rx: mpsc::Receiver<Outbound>,
     pub task: JoinHandle<CloseReason>,
@@ -36,7 +38,11 @@ impl Client {
         let welcome = client.recv().await;
         assert_eq!(welcome["type"], "welcome");
         assert_eq!(welcome["user"], user);
-        assert!(welcome["epoch"].as_str().is_some_and(|e| !e.is_empty()));
+        client.epoch = welcome["epoch"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            !client.epoch.is_empty(),
+            "welcome without an epoch: {welcome}"
+        );
         client
     }
 
@@ -50,6 +56,7 @@ impl Client {
         let task = tokio::spawn(async move { chat.serve(session, inbound, outbound).await });
         Self {
             user: user.to_owned(),
+            epoch: String::new(),
             tx,
             rx,
             task,
