@@ -231,3 +231,49 @@ async fn a_redis_that_lost_its_data_makes_clients_start_again_with_a_new_epoch()
         "ids start again, so the epoch must change"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_sharded_over_several_hosts_and_every_node_hears_all_of_them() {
+    let (first, second) = (
+        PrivateRedis::start(false).await,
+        PrivateRedis::start(false).await,
+    );
+    let urls = [first.url.as_str(), second.url.as_str()];
+    let prefix = prefix();
+    let a = RedisChannelLayer::connect(&urls, &prefix, LayerConfig::default())
+        .await
+        .unwrap();
+    let b = RedisChannelLayer::connect(&urls, &prefix, LayerConfig::default())
+        .await
+        .unwrap();
+    let mut members = Vec::new();
+    for room in 0..20 {
+        let group = format!("room{room}");
+        let sub = b.new_channel("conn").await.unwrap();
+        b.group_add(&group, sub.name()).await.unwrap();
+        members.push((group, sub));
+    }
+    for (group, sub) in &mut members {
+        let report = a
+            .group_send(group, Bytes::from(group.clone()))
+            .await
+            .unwrap();
+        assert_eq!(report.forwarded, 1, "{group}");
+        let got = tokio::time::timeout(Duration::from_secs(5), sub.recv()).await;
+        assert_eq!(got.unwrap().unwrap(), group.as_bytes());
+    }
+    // Both hosts hold some of the groups.
+    for redis in [&first, &second] {
+        let keys = redis
+            .command(&["KEYS", &format!("{prefix}:layer:group:*")])
+            .await;
+        let redis::Value::Array(keys) = keys else {
+            panic!("{keys:?}")
+        };
+        assert!(
+            (3..=17).contains(&keys.len()),
+            "{} of 20 groups on one host",
+            keys.len()
+        );
+    }
+}
