@@ -483,6 +483,47 @@ where
     );
 }
 
+/// With a maximum age, messages older than it (by their `ts`) fall out of history and of the
+/// unread counts; ids go on.
+pub async fn retention_by_age<F, Fut>(factory: &F)
+where
+    F: Fn(StoreConfig) -> Fut,
+    Fut: Future<Output = Arc<dyn HistoryStore>>,
+{
+    let store = factory(StoreConfig {
+        max_age: Some(Duration::from_secs(3_600)),
+        ..StoreConfig::default()
+    })
+    .await;
+    let now = super::now_ms();
+    let two_hours_ago = now - 7_200_000;
+    let room = Conversation::room("aged");
+    for ts in [two_hours_ago, two_hours_ago + 1, now] {
+        store
+            .append(&room, room_message("x", "b", ts))
+            .await
+            .unwrap();
+    }
+    let kept = store.before(&room, None, 100).await.unwrap();
+    assert_eq!((ids(&kept), kept.more, kept.last_id), (vec![3], false, 3));
+    assert_eq!(ids(&store.after(&room, 0, 100).await.unwrap()), [3]);
+    let dm = Conversation::direct("alice", "bob");
+    store
+        .append(&dm, direct("bob", "alice", "old", two_hours_ago))
+        .await
+        .unwrap();
+    store
+        .append(&dm, direct("bob", "alice", "new", now))
+        .await
+        .unwrap();
+    let inbox = store.inbox("alice").await.unwrap();
+    assert_eq!(
+        (inbox[0].last_id, inbox[0].unread),
+        (2, 1),
+        "only the kept message is unread"
+    );
+}
+
 /// The epoch names the store and stays the same for as long as it lives.
 pub async fn the_epoch_is_stable<F, Fut>(factory: &F)
 where
@@ -508,7 +549,7 @@ macro_rules! store_conformance_tests {
             pages_before_and_after, concurrent_appends_are_dense_and_visible_in_order,
             retries_are_stored_once, concurrent_retries_store_once,
             read_positions_only_move_forward, inbox_counts_unread_from_the_partner,
-            retention_keeps_the_newest, the_epoch_is_stable);
+            retention_keeps_the_newest, retention_by_age, the_epoch_is_stable);
     };
     (@each $factory:expr; $($check:ident),* $(,)?) => {
         $(
@@ -517,5 +558,83 @@ macro_rules! store_conformance_tests {
                 $crate::store::conformance::$check(&$factory).await;
             }
         )*
+    };
+}
+
+/// For a durable store: what was acknowledged is there after the store is opened again, with the
+/// same ids, the same epoch, and its refs still recognised.
+///
+/// `open` opens the store at one place each time it is called (the same file, the same
+/// database schema); the first call finds it empty.
+pub async fn survives_being_opened_again<F, Fut>(open: &F)
+where
+    F: Fn(StoreConfig) -> Fut,
+    Fut: Future<Output = Arc<dyn HistoryStore>>,
+{
+    let room = Conversation::room("durable");
+    let dm = Conversation::direct("alice", "bob");
+    let (epoch, stored) = {
+        let store = open(StoreConfig::default()).await;
+        let mut stored = Vec::new();
+        for i in 0..100u64 {
+            let body = format!("m{i}");
+            let reference = format!("r{i}");
+            let message = NewMessage {
+                from: "alice",
+                to: None,
+                body: &body,
+                ts: 1_000 + i,
+                reference: Some(&reference),
+            };
+            stored.push(store.append(&room, message).await.unwrap().message);
+        }
+        store
+            .append(&dm, direct("bob", "alice", "while you were away", 5_000))
+            .await
+            .unwrap();
+        store.mark_read("alice", &room, 40).await.unwrap();
+        (store.epoch().await.unwrap(), stored)
+    };
+    let store = open(StoreConfig::default()).await;
+    assert_eq!(store.epoch().await.unwrap(), epoch, "the epoch changed");
+    let page = store.after(&room, 0, 1_000).await.unwrap();
+    assert_eq!(page.messages, stored, "history changed");
+    let retry = NewMessage {
+        from: "alice",
+        to: None,
+        body: "m7",
+        ts: 2_000,
+        reference: Some("r7"),
+    };
+    let again = store.append(&room, retry).await.unwrap();
+    assert!(again.duplicate, "a ref was forgotten");
+    assert_eq!(again.message, stored[7]);
+    let next = store
+        .append(&room, room_message("alice", "after", 3_000))
+        .await
+        .unwrap();
+    assert_eq!(next.message.id, 101, "ids started again");
+    assert_eq!(store.mark_read("alice", &room, 1).await.unwrap(), 40);
+    let inbox = store.inbox("alice").await.unwrap();
+    assert_eq!(
+        inbox
+            .iter()
+            .map(|e| (e.with.as_str(), e.last_id, e.unread))
+            .collect::<Vec<_>>(),
+        [("bob", 1, 1)]
+    );
+}
+
+/// Expands to the durable-store check: `$open` is `Fn(StoreConfig) -> impl Future<Output =
+/// Arc<dyn HistoryStore>>` opening one place, made afresh by `$place` for the test.
+#[macro_export]
+macro_rules! durable_store_conformance_tests {
+    ($place:expr, $open:expr) => {
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn survives_being_opened_again() {
+            let place = $place().await;
+            let open = |config| $open(place.clone(), config);
+            $crate::store::conformance::survives_being_opened_again(&open).await;
+        }
     };
 }

@@ -118,6 +118,16 @@ fn first_after(messages: &VecDeque<StoredMessage>, id: u64) -> usize {
     messages.partition_point(|m| m.id <= id)
 }
 
+impl Log {
+    /// Drops the oldest messages sent before `oldest_kept_ts` (a prefix: messages are in id
+    /// order, which is time order within a clock's precision).
+    fn forget_older_than(&mut self, oldest_kept_ts: u64) {
+        while self.messages.front().is_some_and(|m| m.ts < oldest_kept_ts) {
+            self.messages.pop_front();
+        }
+    }
+}
+
 impl StoreState {
     /// Forgets refs whose window has ended by `now`, and the oldest beyond `capacity`.
     fn forget_refs(&mut self, now: u64, window: u64, capacity: usize) {
@@ -196,6 +206,7 @@ impl HistoryStore for InMemoryHistoryStore {
         state.appends += 1;
         let append = state.appends;
         let log = state.logs.entry(conversation.clone()).or_default();
+        log.forget_older_than(self.config.oldest_kept_ts());
         log.last_id += 1;
         log.last_append = append;
         let stored = StoredMessage {
@@ -225,10 +236,11 @@ impl HistoryStore for InMemoryHistoryStore {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let state = self.state();
-        let Some(log) = state.logs.get(conversation) else {
+        let mut state = self.state();
+        let Some(log) = state.logs.get_mut(conversation) else {
             return Ok(Page::default());
         };
+        log.forget_older_than(self.config.oldest_kept_ts());
         let end = match before {
             Some(before) => first_after(&log.messages, before.saturating_sub(1)),
             None => log.messages.len(),
@@ -247,10 +259,11 @@ impl HistoryStore for InMemoryHistoryStore {
         after: u64,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let state = self.state();
-        let Some(log) = state.logs.get(conversation) else {
+        let mut state = self.state();
+        let Some(log) = state.logs.get_mut(conversation) else {
             return Ok(Page::default());
         };
+        log.forget_older_than(self.config.oldest_kept_ts());
         let start = first_after(&log.messages, after);
         let end = start.saturating_add(limit).min(log.messages.len());
         Ok(Page {
@@ -276,7 +289,20 @@ impl HistoryStore for InMemoryHistoryStore {
     }
 
     async fn inbox(&self, user: &str) -> Result<Vec<InboxEntry>, StoreError> {
-        let state = self.state();
+        let mut state = self.state();
+        let oldest_kept_ts = self.config.oldest_kept_ts();
+        let conversations: Vec<Conversation> = state
+            .partners
+            .get(user)
+            .into_iter()
+            .flatten()
+            .map(|partner| Conversation::direct(user, partner))
+            .collect();
+        for conversation in &conversations {
+            if let Some(log) = state.logs.get_mut(conversation) {
+                log.forget_older_than(oldest_kept_ts);
+            }
+        }
         let Some(partners) = state.partners.get(user) else {
             return Ok(Vec::new());
         };

@@ -139,6 +139,8 @@ pub struct StoreConfig {
     /// Messages kept per conversation; older ones fall out of history (ids are never reused).
     /// Default 10,000.
     pub retention: usize,
+    /// Messages older than this (by their `ts`) fall out of history too. Default: none.
+    pub max_age: Option<Duration>,
     /// How long a `(conversation, user, ref)` is remembered for de-duplication, measured on the
     /// messages' `ts`. Default 10 minutes, the protocol's window.
     pub dedup_window: Duration,
@@ -148,6 +150,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             retention: 10_000,
+            max_age: None,
             dedup_window: Duration::from_secs(600),
         }
     }
@@ -157,6 +160,22 @@ impl Default for StoreConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("history store unavailable: {0}")]
 pub struct StoreError(pub String);
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl StoreConfig {
+    /// The oldest `ts` still kept, now (0 when age does not limit retention).
+    pub(crate) fn oldest_kept_ts(&self) -> u64 {
+        self.max_age.map_or(0, |age| {
+            now_ms().saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
+        })
+    }
+}
 
 /// Where messages and read positions live, and where message ids come from.
 ///

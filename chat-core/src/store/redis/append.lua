@@ -4,7 +4,7 @@
 --
 -- KEYS[1] the conversation's counter, KEYS[2] its stream, KEYS[3] the ref's key
 -- ARGV: from, to ('' for a room), body, ts, dedup window (ms), retention, has ref ('1'/'0'),
---       direct ('1'/'0'), the store's key prefix, the conversation's key
+--       direct ('1'/'0'), the store's key prefix, the conversation's key, the oldest ts kept
 local counter, stream, refkey = KEYS[1], KEYS[2], KEYS[3]
 local from, to, body, ts = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local window, retention = tonumber(ARGV[5]), ARGV[6]
@@ -30,6 +30,7 @@ end
 
 local id = tostring(redis.call('INCR', counter))
 redis.call('XADD', stream, 'MAXLEN', retention, id .. '-0', 'f', from, 't', to, 'b', body, 'ts', ts)
+forget_older_than(stream, tonumber(ARGV[11]))
 if has_ref then
   redis.call('SET', refkey, id .. ' ' .. ts, 'PX', window)
 end

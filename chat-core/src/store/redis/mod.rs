@@ -53,13 +53,19 @@ struct Scripts {
     epoch: Script,
 }
 
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(include_str!("prelude.lua"), include_str!($file)))
+    };
+}
+
 impl Scripts {
     fn new() -> Self {
         Self {
-            append: Script::new(include_str!("append.lua")),
-            page: Script::new(include_str!("page.lua")),
+            append: script!("append.lua"),
+            page: script!("page.lua"),
             mark_read: Script::new(include_str!("mark_read.lua")),
-            inbox: Script::new(include_str!("inbox.lua")),
+            inbox: script!("inbox.lua"),
             epoch: Script::new(include_str!("epoch.lua")),
         }
     }
@@ -142,7 +148,8 @@ impl RedisHistoryStore {
             .key(format!("{key}:s"))
             .arg(direction)
             .arg(bound)
-            .arg(limit.min(1_000_000));
+            .arg(limit.min(1_000_000))
+            .arg(self.config.oldest_kept_ts());
         let reply: Vec<String> = self.call(&invocation).await?;
         let [last, more, rest @ ..] = reply.as_slice() else {
             return Err(malformed("a history page"));
@@ -163,7 +170,8 @@ impl RedisHistoryStore {
             .key(format!("{}:inbox:{user}", self.keys))
             .key(format!("{}:dm:{user}", self.keys))
             .key(format!("{}:read:{user}", self.keys))
-            .arg(if heads { "heads" } else { "inbox" });
+            .arg(if heads { "heads" } else { "inbox" })
+            .arg(self.config.oldest_kept_ts());
         self.call(&invocation).await
     }
 }
@@ -202,7 +210,8 @@ impl HistoryStore for RedisHistoryStore {
                 "0"
             })
             .arg(&self.keys)
-            .arg(&key);
+            .arg(&key)
+            .arg(self.config.oldest_kept_ts());
         let reply: Vec<String> = self.call(&invocation).await?;
         let [outcome, fields @ ..] = reply.as_slice() else {
             return Err(malformed("an append"));

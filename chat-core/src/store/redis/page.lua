@@ -1,8 +1,10 @@
 -- A page of a conversation, oldest first, read together with the conversation's newest id.
 --
 -- KEYS[1] the conversation's counter, KEYS[2] its stream
--- ARGV: 'before' or 'after', the bound ('' for the newest, with 'before'), the limit
+-- ARGV: 'before' or 'after', the bound ('' for the newest, with 'before'), the limit, the
+--       oldest ts kept
 -- Returns: newest id, more (1/0), then id, from, to, body, ts for each message.
+forget_older_than(KEYS[2], tonumber(ARGV[4]))
 local last = redis.call('GET', KEYS[1]) or '0'
 local limit = tonumber(ARGV[3])
 local entries
