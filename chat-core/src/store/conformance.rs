@@ -632,8 +632,8 @@ macro_rules! durable_store_conformance_tests {
     ($place:expr, $open:expr) => {
         #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn survives_being_opened_again() {
-            let place = $place().await;
-            let open = |config| $open(place.clone(), config);
+            let place = ($place)().await;
+            let open = |config| ($open)(place.clone(), config);
             $crate::store::conformance::survives_being_opened_again(&open).await;
         }
     };

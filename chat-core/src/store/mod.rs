@@ -17,6 +17,8 @@
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
@@ -27,6 +29,8 @@ use async_trait::async_trait;
 
 #[cfg(feature = "redis")]
 pub use self::redis::RedisHistoryStore;
+#[cfg(feature = "sqlite")]
+pub use self::sqlite::SqliteHistoryStore;
 pub use memory::InMemoryHistoryStore;
 
 /// A room or a direct conversation.

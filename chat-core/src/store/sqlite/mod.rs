@@ -1,0 +1,753 @@
+//! [`SqliteHistoryStore`]: history in one SQLite file, embedded (cargo feature `sqlite`).
+//!
+//! The example servers' default store: nothing to install, and a newcomer's history survives a
+//! restart.
+//!
+//! # Writes: one thread, group commit
+//!
+//! SQLite allows one writer at a time, so one thread owns the only writing connection. Appends
+//! and read positions queue up for it; it takes everything that queued while its previous commit
+//! ran (up to a thousand) and commits it as one transaction, so a burst of sends costs one
+//! `fsync`, not one each. The database is in WAL mode with `synchronous = FULL`: a commit is on
+//! disk before it returns, and only then does any request of the batch get its answer, so an
+//! `ack` always names a durable message. Each request runs in a savepoint of its own: one that
+//! fails (a constraint, say) fails alone. A commit that fails answers every request of its batch
+//! with an error, and nothing of the batch is stored.
+//!
+//! One writer also makes the id contract simple: appends are numbered in commit order, every
+//! id below a visible one is visible, and retries are recognised even within one batch.
+//!
+//! # Reads
+//!
+//! A few read-only connections, each used by one blocking task at a time; WAL lets them read
+//! while the writer writes. A page and the conversation's newest id are read in one snapshot.
+//! Retention (by count and by age) is exact at read time; the writer trims what falls out in the
+//! same transaction as the append, and forgets old refs and old messages every ten seconds.
+//!
+//! # Files
+//!
+//! The file carries an application id and a schema version. A new or empty file gets the schema;
+//! a file of another application, or one that is not SQLite at all, is refused with a clear
+//! error at open, before anything is written; so is a file that cannot be written.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::{
+    now_ms, Appended, Conversation, HistoryStore, InboxEntry, NewMessage, Page, StoreConfig,
+    StoreError, StoredMessage,
+};
+
+/// "chat", in the file's header: tells this store's files from other SQLite databases.
+const APPLICATION_ID: i64 = 0x6368_6174;
+const SCHEMA_VERSION: i64 = 1;
+/// Most requests one commit takes.
+const MAX_BATCH: usize = 1_000;
+/// Requests that may wait for the writer; more wait to be queued.
+const QUEUE: usize = 10_000;
+const READERS: usize = 4;
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
+/// Most old rows one maintenance round deletes per table, so it never holds the writer long.
+const MAINTENANCE_CHUNK: i64 = 10_000;
+
+/// A [`HistoryStore`] in a SQLite file. Cheap to clone; clones share the file's connections.
+///
+/// ```no_run
+/// use chat_core::store::{SqliteHistoryStore, StoreConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), chat_core::store::StoreError> {
+/// let store = SqliteHistoryStore::open("chat.db", StoreConfig::default()).await?;
+/// # drop(store);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SqliteHistoryStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    config: StoreConfig,
+    epoch: String,
+    writes: mpsc::Sender<Write>,
+    readers: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+/// A request for the writer thread.
+enum Write {
+    Append {
+        conversation: String,
+        direct: bool,
+        message: Owned,
+        reply: oneshot::Sender<Result<Appended, StoreError>>,
+    },
+    MarkRead {
+        reader: String,
+        conversation: String,
+        id: i64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+}
+
+/// A [`NewMessage`] the writer thread can own.
+struct Owned {
+    from: String,
+    to: Option<String>,
+    body: String,
+    ts: i64,
+    reference: Option<String>,
+}
+
+fn failed(error: rusqlite::Error) -> StoreError {
+    StoreError(format!("sqlite: {error}"))
+}
+
+fn key(conversation: &Conversation) -> String {
+    match conversation {
+        Conversation::Room(room) => format!("r:{room}"),
+        Conversation::Direct(a, b) => format!("d:{a}:{b}"),
+    }
+}
+
+/// SQLite integers are signed: anything larger saturates.
+fn signed(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn unsigned(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// Says what is wrong with the file, from SQLite's error code, for a person starting a server.
+fn file_problem(path: &Path, error: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    let shown = path.display();
+    let kind = match &error {
+        rusqlite::Error::SqliteFailure(failure, _) => Some(failure.code),
+        _ => None,
+    };
+    StoreError(match kind {
+        Some(ErrorCode::NotADatabase) => {
+            format!("{shown} is not a SQLite database: {error}")
+        }
+        Some(ErrorCode::DatabaseCorrupt) => format!("{shown} is damaged: {error}"),
+        Some(
+            ErrorCode::ReadOnly
+            | ErrorCode::CannotOpen
+            | ErrorCode::PermissionDenied
+            | ErrorCode::DiskFull
+            | ErrorCode::SystemIoFailure,
+        ) => format!("cannot write to {shown}: {error}"),
+        _ => format!("cannot use {shown}: {error}"),
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Opens the writing connection, checks the file is ours (or new), brings its schema up to date
+/// and returns it with the store's epoch.
+fn open_writer(path: &Path) -> Result<(Connection, String), StoreError> {
+    let shown = path.display();
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags)
+        .map_err(|error| StoreError(format!("cannot open {shown}: {error}")))?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(failed)?;
+    let problem = |error| file_problem(path, error);
+    let application: i64 = conn
+        .query_row("PRAGMA application_id", [], |row| row.get(0))
+        .map_err(problem)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(problem)?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))
+        .map_err(problem)?;
+    let fresh = application == 0 && version == 0 && tables == 0;
+    if application != APPLICATION_ID && !fresh {
+        return Err(StoreError(format!(
+            "{shown} is a SQLite database of something else (application id {application:#x}, \
+             {tables} schema objects): refusing to touch it"
+        )));
+    }
+    if version > SCHEMA_VERSION {
+        return Err(StoreError(format!(
+            "{shown} has schema version {version}, newer than this program's {SCHEMA_VERSION}"
+        )));
+    }
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(problem)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError(format!(
+            "cannot use write-ahead logging for {shown} (journal mode stays {mode})"
+        )));
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL")
+        .map_err(failed)?;
+    let unwritable = problem;
+    if fresh {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(unwritable)?;
+        tx.execute_batch(include_str!("schema.sql"))
+            .map_err(unwritable)?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('epoch', ?1)",
+            [crate::layer::unique_channel_name("sqlite")],
+        )
+        .map_err(unwritable)?;
+        tx.execute_batch(&format!(
+            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
+        ))
+        .map_err(unwritable)?;
+        tx.commit().map_err(unwritable)?;
+    } else {
+        // Prove now, not at the first send, that the file takes writes.
+        conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+            .map_err(unwritable)?;
+    }
+    let epoch = conn
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |row| {
+            row.get(0)
+        })
+        .map_err(|error| StoreError(format!("{shown}: no epoch: {error}")))?;
+    Ok((conn, epoch))
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|error| StoreError(format!("cannot open {}: {error}", path.display())))?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(failed)?;
+    Ok(conn)
+}
+
+/// The writer thread: commits what has queued, as one transaction, until the store is dropped.
+fn write_loop(mut conn: Connection, mut writes: mpsc::Receiver<Write>, config: StoreConfig) {
+    let mut maintained = Instant::now();
+    while let Some(first) = writes.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match writes.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        commit(&mut conn, batch, &config);
+        if maintained.elapsed() >= MAINTENANCE_EVERY {
+            if let Err(error) = maintain(&conn, &config) {
+                tracing::warn!(%error, "sqlite maintenance failed");
+            }
+            maintained = Instant::now();
+        }
+    }
+}
+
+/// What one request of a batch came to.
+#[derive(Clone)]
+enum Outcome {
+    Appended(Appended),
+    Read(u64),
+}
+
+fn commit(conn: &mut Connection, batch: Vec<Write>, config: &StoreConfig) {
+    let outcomes = apply_all(conn, &batch, config);
+    for (i, write) in batch.into_iter().enumerate() {
+        let outcome = match &outcomes {
+            Ok(outcomes) => outcomes[i].clone(),
+            Err(error) => Err(error.clone()),
+        };
+        match write {
+            Write::Append { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Appended(appended) => Ok(appended),
+                    Outcome::Read(_) => Err(StoreError("internal: wrong reply".into())),
+                }));
+            }
+            Write::MarkRead { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Read(position) => Ok(position),
+                    Outcome::Appended(_) => Err(StoreError("internal: wrong reply".into())),
+                }));
+            }
+        }
+    }
+}
+
+/// Applies a batch in one transaction, each request in its own savepoint.
+fn apply_all(
+    conn: &mut Connection,
+    batch: &[Write],
+    config: &StoreConfig,
+) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(failed)?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut touched: HashMap<&str, i64> = HashMap::new();
+    for write in batch {
+        let savepoint = tx.savepoint().map_err(failed)?;
+        let outcome = match write {
+            Write::Append {
+                conversation,
+                direct,
+                message,
+                ..
+            } => append(&savepoint, conversation, *direct, message, config).map(|appended| {
+                if !appended.duplicate {
+                    touched.insert(conversation, signed(appended.message.id));
+                }
+                Outcome::Appended(appended)
+            }),
+            Write::MarkRead {
+                reader,
+                conversation,
+                id,
+                ..
+            } => mark_read(&savepoint, reader, conversation, *id).map(Outcome::Read),
+        };
+        match outcome {
+            Ok(outcome) => {
+                savepoint.commit().map_err(failed)?;
+                outcomes.push(Ok(outcome));
+            }
+            // Dropping the savepoint undoes this request only.
+            Err(error) => outcomes.push(Err(failed(error))),
+        }
+    }
+    let retention = signed(config.retention as u64);
+    for (conversation, last_id) in touched {
+        if last_id > retention {
+            tx.execute(
+                "DELETE FROM messages WHERE conversation = ?1 AND id <= ?2",
+                params![conversation, last_id - retention],
+            )
+            .map_err(failed)?;
+        }
+    }
+    tx.commit().map_err(failed)?;
+    Ok(outcomes)
+}
+
+fn append(
+    tx: &Connection,
+    conversation: &str,
+    direct: bool,
+    message: &Owned,
+    config: &StoreConfig,
+) -> rusqlite::Result<Appended> {
+    if let Some(reference) = &message.reference {
+        let earlier: Option<(i64, i64)> = tx
+            .prepare_cached(
+                "SELECT id, ts FROM refs WHERE conversation = ?1 AND sender = ?2 AND ref = ?3",
+            )?
+            .query_row(params![conversation, message.from, reference], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?;
+        let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
+        if let Some((id, ts)) = earlier {
+            if ts.saturating_add(window) > message.ts {
+                let original = tx
+                    .prepare_cached(
+                        "SELECT sender, recipient, body, ts FROM messages \
+                         WHERE conversation = ?1 AND id = ?2",
+                    )?
+                    .query_row(params![conversation, id], |row| {
+                        Ok(StoredMessage {
+                            id: unsigned(id),
+                            from: row.get(0)?,
+                            to: row.get(1)?,
+                            body: row.get(2)?,
+                            ts: unsigned(row.get(3)?),
+                        })
+                    })
+                    .optional()?;
+                // Retention may have dropped the original; the retry carries the same content.
+                let message = original.unwrap_or_else(|| StoredMessage {
+                    id: unsigned(id),
+                    from: message.from.clone(),
+                    to: message.to.clone(),
+                    body: message.body.clone(),
+                    ts: unsigned(ts),
+                });
+                return Ok(Appended {
+                    message,
+                    duplicate: true,
+                });
+            }
+        }
+    }
+    let id: i64 = tx
+        .prepare_cached(
+            "INSERT INTO conversations (key, last_id) VALUES (?1, 1) \
+             ON CONFLICT (key) DO UPDATE SET last_id = last_id + 1 RETURNING last_id",
+        )?
+        .query_row([conversation], |row| row.get(0))?;
+    tx.prepare_cached(
+        "INSERT INTO messages (conversation, id, sender, recipient, body, ts) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        conversation,
+        id,
+        message.from,
+        message.to,
+        message.body,
+        message.ts
+    ])?;
+    if let Some(reference) = &message.reference {
+        tx.prepare_cached(
+            "INSERT INTO refs (conversation, sender, ref, id, ts) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (conversation, sender, ref) DO UPDATE SET id = excluded.id, ts = excluded.ts",
+        )?
+        .execute(params![conversation, message.from, reference, id, message.ts])?;
+    }
+    if let (true, Some(to)) = (direct, &message.to) {
+        let recency: i64 = tx
+            .prepare_cached(
+                "UPDATE counters SET value = value + 1 WHERE name = 'appends' RETURNING value",
+            )?
+            .query_row([], |row| row.get(0))?;
+        let mut partner = tx.prepare_cached(
+            "INSERT INTO partners (owner, partner, conversation, recency) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (owner, partner) DO UPDATE SET recency = excluded.recency",
+        )?;
+        partner.execute(params![message.from, to, conversation, recency])?;
+        partner.execute(params![to, message.from, conversation, recency])?;
+    }
+    Ok(Appended {
+        message: StoredMessage {
+            id: unsigned(id),
+            from: message.from.clone(),
+            to: message.to.clone(),
+            body: message.body.clone(),
+            ts: unsigned(message.ts),
+        },
+        duplicate: false,
+    })
+}
+
+fn mark_read(tx: &Connection, reader: &str, conversation: &str, id: i64) -> rusqlite::Result<u64> {
+    let position: i64 = tx
+        .prepare_cached(
+            "INSERT INTO reads (reader, conversation, id) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (reader, conversation) DO UPDATE SET id = max(id, excluded.id) \
+             RETURNING id",
+        )?
+        .query_row(params![reader, conversation, id], |row| row.get(0))?;
+    Ok(unsigned(position))
+}
+
+/// Forgets refs whose window has ended and messages older than the maximum age, a chunk at a
+/// time so the writer is never held long.
+fn maintain(conn: &Connection, config: &StoreConfig) -> rusqlite::Result<()> {
+    let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
+    conn.execute(
+        "DELETE FROM refs WHERE (conversation, sender, ref) IN \
+         (SELECT conversation, sender, ref FROM refs WHERE ts < ?1 LIMIT ?2)",
+        params![signed(now_ms()).saturating_sub(window), MAINTENANCE_CHUNK],
+    )?;
+    if config.max_age.is_some() {
+        conn.execute(
+            "DELETE FROM messages WHERE (conversation, id) IN \
+             (SELECT conversation, id FROM messages WHERE ts < ?1 LIMIT ?2)",
+            params![signed(config.oldest_kept_ts()), MAINTENANCE_CHUNK],
+        )?;
+    }
+    Ok(())
+}
+
+fn stored(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        id: unsigned(row.get(0)?),
+        from: row.get(1)?,
+        to: row.get(2)?,
+        body: row.get(3)?,
+        ts: unsigned(row.get(4)?),
+    })
+}
+
+/// Reads a page in one snapshot with the conversation's newest id; retention applies.
+fn page(
+    conn: &Connection,
+    conversation: &str,
+    before: Option<i64>,
+    after: Option<i64>,
+    limit: usize,
+    retention: i64,
+    oldest_ts: i64,
+) -> rusqlite::Result<Page> {
+    let tx = conn.unchecked_transaction()?;
+    let last_id: i64 = tx
+        .prepare_cached("SELECT last_id FROM conversations WHERE key = ?1")?
+        .query_row([conversation], |row| row.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let floor = last_id.saturating_sub(retention);
+    let fetch = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+    let mut messages = match after {
+        Some(after) => tx
+            .prepare_cached(
+                "SELECT id, sender, recipient, body, ts FROM messages \
+                 WHERE conversation = ?1 AND id > ?2 AND ts >= ?3 ORDER BY id LIMIT ?4",
+            )?
+            .query_map(
+                params![conversation, after.max(floor), oldest_ts, fetch],
+                stored,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+        None => tx
+            .prepare_cached(
+                "SELECT id, sender, recipient, body, ts FROM messages \
+                 WHERE conversation = ?1 AND id < ?2 AND id > ?3 AND ts >= ?4 \
+                 ORDER BY id DESC LIMIT ?5",
+            )?
+            .query_map(
+                params![
+                    conversation,
+                    before.unwrap_or(i64::MAX),
+                    floor,
+                    oldest_ts,
+                    fetch
+                ],
+                stored,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+    };
+    let more = messages.len() > limit;
+    messages.truncate(limit);
+    if after.is_none() {
+        messages.reverse();
+    }
+    tx.finish()?;
+    Ok(Page {
+        messages,
+        more,
+        last_id: unsigned(last_id),
+    })
+}
+
+impl SqliteHistoryStore {
+    /// Opens (or creates) the store in the file at `path`; refuses, with a clear error, a file
+    /// that is not SQLite, is damaged, belongs to something else, or cannot be written.
+    pub async fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_owned();
+        let opening = path.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let (writer, epoch) = open_writer(&opening)?;
+            let readers = (0..READERS)
+                .map(|_| open_reader(&opening))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, StoreError>((writer, epoch, readers))
+        })
+        .await
+        .map_err(|error| StoreError(format!("opening {}: {error}", path.display())))?;
+        let (writer, epoch, readers) = opened?;
+        let config = StoreConfig {
+            retention: config.retention.max(1),
+            ..config
+        };
+        let (writes, queue) = mpsc::channel(QUEUE);
+        let writer_config = config.clone();
+        std::thread::Builder::new()
+            .name("chat-sqlite-writer".into())
+            .spawn(move || write_loop(writer, queue, writer_config))
+            .map_err(|error| StoreError(format!("cannot start the sqlite writer: {error}")))?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                path,
+                config,
+                epoch,
+                writes,
+                readers: Mutex::new(readers),
+                permits: Semaphore::new(READERS),
+            }),
+        })
+    }
+
+    /// The file this store keeps its history in.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    async fn write<T>(
+        &self,
+        write: Write,
+        answer: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.shared
+            .writes
+            .send(write)
+            .await
+            .map_err(|_| StoreError("the sqlite writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError("the sqlite writer stopped".into()))?
+    }
+
+    /// Runs `read` on a pooled read-only connection, off the async threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let shared = &self.shared;
+        let _permit = shared
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError("store closed".into()))?;
+        let conn = match lock(&shared.readers).pop() {
+            Some(conn) => conn,
+            None => open_reader(&shared.path)?,
+        };
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let result = read(&conn);
+            (conn, result)
+        })
+        .await
+        .map_err(|error| StoreError(format!("sqlite read: {error}")))?;
+        lock(&shared.readers).push(conn);
+        result.map_err(failed)
+    }
+
+    async fn page(
+        &self,
+        conversation: &Conversation,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let conversation = key(conversation);
+        let retention = signed(self.shared.config.retention as u64);
+        let oldest_ts = signed(self.shared.config.oldest_kept_ts());
+        let (before, after) = (before.map(signed), after.map(signed));
+        self.read(move |conn| {
+            page(
+                conn,
+                &conversation,
+                before,
+                after,
+                limit,
+                retention,
+                oldest_ts,
+            )
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl HistoryStore for SqliteHistoryStore {
+    async fn append(
+        &self,
+        conversation: &Conversation,
+        message: NewMessage<'_>,
+    ) -> Result<Appended, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let write = Write::Append {
+            conversation: key(conversation),
+            direct: matches!(conversation, Conversation::Direct(..)),
+            message: Owned {
+                from: message.from.to_owned(),
+                to: message.to.map(str::to_owned),
+                body: message.body.to_owned(),
+                ts: signed(message.ts),
+                reference: message.reference.map(str::to_owned),
+            },
+            reply,
+        };
+        self.write(write, answer).await
+    }
+
+    async fn before(
+        &self,
+        conversation: &Conversation,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        self.page(conversation, before, None, limit).await
+    }
+
+    async fn after(
+        &self,
+        conversation: &Conversation,
+        after: u64,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        self.page(conversation, None, Some(after), limit).await
+    }
+
+    async fn mark_read(
+        &self,
+        user: &str,
+        conversation: &Conversation,
+        id: u64,
+    ) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let write = Write::MarkRead {
+            reader: user.to_owned(),
+            conversation: key(conversation),
+            id: signed(id),
+            reply,
+        };
+        self.write(write, answer).await
+    }
+
+    async fn inbox(&self, user: &str) -> Result<Vec<InboxEntry>, StoreError> {
+        let user = user.to_owned();
+        let retention = signed(self.shared.config.retention as u64);
+        let oldest_ts = signed(self.shared.config.oldest_kept_ts());
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT p.partner, c.last_id, coalesce(r.id, 0), \
+                   (SELECT count(*) FROM messages m WHERE m.conversation = p.conversation \
+                      AND m.id > coalesce(r.id, 0) AND m.id > c.last_id - ?2 AND m.ts >= ?3 \
+                      AND m.sender = p.partner) \
+                 FROM partners p JOIN conversations c ON c.key = p.conversation \
+                 LEFT JOIN reads r ON r.reader = p.owner AND r.conversation = p.conversation \
+                 WHERE p.owner = ?1 ORDER BY p.recency DESC",
+            )?
+            .query_map(params![user, retention, oldest_ts], |row| {
+                Ok(InboxEntry {
+                    with: row.get(0)?,
+                    last_id: unsigned(row.get(1)?),
+                    read_id: unsigned(row.get(2)?),
+                    unread: unsigned(row.get(3)?),
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn direct_heads(&self, user: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let user = user.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT p.partner, c.last_id FROM partners p \
+                 JOIN conversations c ON c.key = p.conversation WHERE p.owner = ?1",
+            )?
+            .query_map([user], |row| Ok((row.get(0)?, unsigned(row.get(1)?))))?
+            .collect()
+        })
+        .await
+    }
+
+    async fn epoch(&self) -> Result<String, StoreError> {
+        Ok(self.shared.epoch.clone())
+    }
+}

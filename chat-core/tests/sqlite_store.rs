@@ -1,0 +1,109 @@
+//! The history-store conformance suites against SQLite (cargo feature `sqlite`), each store in a
+//! fresh file of its own; plus what only a file can get wrong: damaged or foreign files.
+
+#![cfg(feature = "sqlite")]
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use chat_core::store::{HistoryStore, SqliteHistoryStore, StoreConfig};
+
+/// A fresh path in a temporary directory of this process.
+fn fresh_path() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!("chat-sqlite-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{}.db", NEXT.fetch_add(1, Ordering::Relaxed)))
+}
+
+async fn open(path: PathBuf, config: StoreConfig) -> Arc<dyn HistoryStore> {
+    Arc::new(SqliteHistoryStore::open(path, config).await.unwrap())
+}
+
+chat_core::store_conformance_tests!(|config| open(fresh_path(), config));
+
+chat_core::durable_store_conformance_tests!(|| async { fresh_path() }, open);
+
+async fn open_error(path: &std::path::Path) -> String {
+    match SqliteHistoryStore::open(path, StoreConfig::default()).await {
+        Ok(_) => panic!("{} was opened", path.display()),
+        Err(error) => error.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_sqlite_is_a_clear_error_at_open() {
+    let path = fresh_path();
+    std::fs::write(&path, vec![0xAB; 8_192]).unwrap();
+    let error = open_error(&path).await;
+    assert!(error.contains("not a SQLite database"), "{error}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        vec![0xAB; 8_192],
+        "it was written to"
+    );
+}
+
+#[tokio::test]
+async fn a_database_of_something_else_is_refused_untouched() {
+    let path = fresh_path();
+    {
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other
+            .execute_batch("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+            .unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    let error = open_error(&path).await;
+    assert!(error.contains("something else"), "{error}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "it was written to");
+}
+
+/// The body of the unwritable-file check, run by [`an_unwritable_file_is_a_clear_error_at_open`]
+/// as a user the file's permissions apply to.
+#[tokio::test]
+#[ignore = "run by an_unwritable_file_is_a_clear_error_at_open"]
+async fn unwritable_file_check() {
+    let path = PathBuf::from(std::env::var("CHAT_UNWRITABLE_DB").unwrap());
+    let error = open_error(&path).await;
+    assert!(error.contains("cannot write"), "{error}");
+}
+
+#[tokio::test]
+async fn an_unwritable_file_is_a_clear_error_at_open() {
+    use std::os::unix::fs::PermissionsExt;
+    let path = fresh_path();
+    drop(
+        SqliteHistoryStore::open(&path, StoreConfig::default())
+            .await
+            .unwrap(),
+    );
+    // Let the writer thread close the file, and checkpoint its WAL into it.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let privileged = std::fs::OpenOptions::new().append(true).open(&path).is_ok();
+    if !privileged {
+        std::env::set_var("CHAT_UNWRITABLE_DB", &path);
+        let error = open_error(&path).await;
+        assert!(error.contains("cannot write"), "{error}");
+        return;
+    }
+    // Permissions do not bind this (root) user: run the check as `nobody`, whom they bind.
+    let dir = path.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let status = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "unwritable_file_check",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("CHAT_UNWRITABLE_DB", &path)
+        .status()
+        .expect("setpriv (util-linux) is needed to run this check as an unprivileged user");
+    assert!(status.success(), "the check failed as an unprivileged user");
+}
