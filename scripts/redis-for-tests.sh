@@ -16,12 +16,13 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
 
+. "$(dirname "${BASH_SOURCE[0]}")/on-exit.sh"
 CHAT_REDIS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/chat-test-redis.XXXXXX")
 stop_test_redis() {
     redis-cli -s "$CHAT_REDIS_DIR/redis.sock" shutdown nosave >/dev/null 2>&1 || true
     rm -rf "$CHAT_REDIS_DIR"
 }
-trap stop_test_redis EXIT
+chat_on_exit stop_test_redis
 
 redis-server --port 0 --unixsocket "$CHAT_REDIS_DIR/redis.sock" --unixsocketperm 700 \
     --save '' --appendonly no --dir "$CHAT_REDIS_DIR" \

@@ -24,7 +24,7 @@ stop_servers() {
     for pid in "${servers[@]}"; do wait "$pid" 2>/dev/null || true; done
     servers=()
 }
-trap 'stop_servers; stop_test_redis' EXIT
+chat_on_exit stop_servers
 
 start() { # port layer prefix
     RUST_LOG=error "$bin/chat-server-tungstenite" --addr "127.0.0.1:$1" --layer "$2" \

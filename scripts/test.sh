@@ -3,13 +3,17 @@
 #
 # Everything a test needs is brought up from here, so a fresh clone on a fresh machine passes with
 # no manual setup: cargo for the Rust suites, a throwaway redis-server for the Redis backends
-# (scripts/redis-for-tests.sh installs it when missing), and scripts/browser-test.sh installs
-# Chromium and playwright-core for the browser test when they are missing.
+# (scripts/redis-for-tests.sh installs it when missing), a PostgreSQL database of the tests' own
+# (scripts/postgres-for-tests.sh: on DATABASE_URL's server when set, else a throwaway cluster,
+# installed when missing), and scripts/browser-test.sh installs Chromium and playwright-core for
+# the browser test when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Never skipped: with CHAT_TEST_REDIS_URL unset the Redis tests fail and say why.
+# Never skipped: with CHAT_TEST_REDIS_URL or CHAT_TEST_DATABASE_URL unset, the Redis and
+# PostgreSQL tests fail and say why.
 . scripts/redis-for-tests.sh
+. scripts/postgres-for-tests.sh
 
 cargo test --workspace --all-features --all-targets
 cargo test --workspace --all-features --doc

@@ -15,6 +15,8 @@
 //! to pass the conformance suite in `chat_core::store::conformance` (cargo feature `testing`).
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "sqlite")]
@@ -27,6 +29,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+#[cfg(feature = "postgres")]
+pub use self::postgres::PostgresHistoryStore;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisHistoryStore;
 #[cfg(feature = "sqlite")]

@@ -1,0 +1,641 @@
+//! [`PostgresHistoryStore`]: history in PostgreSQL, shared by every node (cargo feature
+//! `postgres`).
+//!
+//! # Ids across nodes, in order
+//!
+//! A database sequence hands out numbers in the order transactions ask, but they commit in
+//! whatever order they finish, so a reader can see id 8 before id 7 exists; resuming from 8 would
+//! then skip 7 forever. Here each conversation's ids come from its own row in `conversations`:
+//! an append takes `last_id + 1` while holding that row locked until its transaction commits, so
+//! the next append to the same conversation, on any node, waits for that commit. A
+//! conversation's ids therefore commit in id order, and whoever sees id `n` sees every id below
+//! it: the rule the engine's gap repair relies on. The price is that one conversation's appends
+//! serialize on their row; group commit makes that cheap.
+//!
+//! # Group commit
+//!
+//! Appends and read positions queue up for a writer task, which takes everything that queued
+//! while its previous batch ran (up to a thousand) and sends it as **one** call to the
+//! `write_batch` function (installed with the schema): one round trip, one transaction, one
+//! commit, with `fsync` as PostgreSQL is configured (on by default). No request of a batch is
+//! answered before that commit returns, so an `ack` names a durable message. The function locks
+//! the batch's conversations in key order first, so concurrent batches of different nodes wait
+//! for each other instead of deadlocking. A batch is atomic: if it fails, every request in it
+//! gets an error and nothing of it is stored.
+//!
+//! # Schema and connections
+//!
+//! Tables live in a schema of their own (`chat` by default), created and migrated at start,
+//! idempotently, under an advisory lock so that nodes starting together migrate once. Reads and
+//! writes share a deadpool pool of connections that are checked before use, so a database that
+//! went away and came back costs only the requests that were in flight: the store recovers by
+//! itself.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::NoTls;
+
+use super::{
+    Appended, Conversation, HistoryStore, InboxEntry, NewMessage, Page, StoreConfig, StoreError,
+    StoredMessage,
+};
+
+const SCHEMA_VERSION: i64 = 1;
+/// Most requests one batch takes.
+const MAX_BATCH: usize = 1_000;
+/// Requests that may wait for the writer; more wait to be queued.
+const QUEUE: usize = 10_000;
+const POOL_SIZE: usize = 16;
+/// How long taking a connection may take before the store reports itself unavailable.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
+const MAINTENANCE_CHUNK: i64 = 10_000;
+/// An arbitrary constant: the advisory lock that serializes migrations.
+const MIGRATION_LOCK: i64 = 0x6368_6174_6d69_67;
+
+/// A [`HistoryStore`] in PostgreSQL. Cheap to clone; clones share one pool.
+///
+/// ```no_run
+/// use chat_core::store::{PostgresHistoryStore, StoreConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), chat_core::store::StoreError> {
+/// let url = "postgres://chat@localhost/chat";
+/// let store = PostgresHistoryStore::connect(url, "chat", StoreConfig::default()).await?;
+/// # drop(store);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresHistoryStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    pool: Pool,
+    schema: String,
+    config: StoreConfig,
+    epoch: String,
+    writes: mpsc::Sender<Write>,
+}
+
+/// One request for the writer, with where its answer goes.
+struct Write {
+    kind: &'static str,
+    conversation: String,
+    sender: String,
+    recipient: Option<String>,
+    body: Option<String>,
+    /// The ts of an append, the id of a read position.
+    value: i64,
+    reference: Option<String>,
+    direct: bool,
+    reply: oneshot::Sender<Result<Row, StoreError>>,
+}
+
+/// What `write_batch` returned for one request.
+#[derive(Debug, Clone)]
+struct Row {
+    id: i64,
+    duplicate: bool,
+    sender: Option<String>,
+    recipient: Option<String>,
+    body: Option<String>,
+    ts: Option<i64>,
+}
+
+fn failed(error: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("postgres: {error}"))
+}
+
+/// A driver error with the server's own message, which its `Display` leaves out.
+fn database(error: tokio_postgres::Error) -> StoreError {
+    match error.as_db_error() {
+        Some(db) => StoreError(format!(
+            "postgres: {} ({}){}",
+            db.message(),
+            db.code().code(),
+            db.where_()
+                .map(|at| format!(" at {at}"))
+                .unwrap_or_default()
+        )),
+        None => failed(error),
+    }
+}
+
+fn key(conversation: &Conversation) -> String {
+    match conversation {
+        Conversation::Room(room) => format!("r:{room}"),
+        Conversation::Direct(a, b) => format!("d:{a}:{b}"),
+    }
+}
+
+/// PostgreSQL integers are signed: anything larger saturates.
+fn signed(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn unsigned(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// PostgreSQL text cannot hold NUL; refuse it rather than fail a whole batch.
+fn storable(text: &str) -> Result<(), StoreError> {
+    if text.contains('\0') {
+        return Err(StoreError(
+            "text with a NUL character cannot be stored".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A schema name: a plain lowercase identifier, so it can be written into SQL as is.
+fn check_schema(schema: &str) -> Result<(), StoreError> {
+    let valid = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !schema.as_bytes()[0].is_ascii_digit();
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError(format!(
+            "invalid schema name {schema:?}: use lowercase letters, digits and _"
+        )))
+    }
+}
+
+impl PostgresHistoryStore {
+    /// Connects to the database at `url` (`postgres://user@host/db`, or with
+    /// `?host=/run/postgresql` for a Unix socket), keeping the tables in `schema`, which is
+    /// created and migrated if needed.
+    pub async fn connect(url: &str, schema: &str, config: StoreConfig) -> Result<Self, StoreError> {
+        check_schema(schema)?;
+        let mut pg = tokio_postgres::Config::from_str(url)
+            .map_err(|error| StoreError(format!("invalid PostgreSQL URL: {error}")))?;
+        pg.connect_timeout(CONNECTION_TIMEOUT);
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECTION_TIMEOUT))
+            .create_timeout(Some(CONNECTION_TIMEOUT))
+            .recycle_timeout(Some(CONNECTION_TIMEOUT))
+            .build()
+            .map_err(failed)?;
+        let epoch = migrate(&pool, schema).await?;
+        let config = StoreConfig {
+            retention: config.retention.max(1),
+            ..config
+        };
+        let (writes, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(write_loop(
+            pool.clone(),
+            schema.to_owned(),
+            config.clone(),
+            queue,
+        ));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                pool,
+                schema: schema.to_owned(),
+                config,
+                epoch,
+                writes,
+            }),
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.shared.pool.get().await.map_err(failed)
+    }
+
+    async fn write(
+        &self,
+        write: Write,
+        answer: oneshot::Receiver<Result<Row, StoreError>>,
+    ) -> Result<Row, StoreError> {
+        self.shared
+            .writes
+            .send(write)
+            .await
+            .map_err(|_| StoreError("the postgres writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError("the postgres writer stopped".into()))?
+    }
+
+    async fn page(
+        &self,
+        conversation: &Conversation,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let schema = &self.shared.schema;
+        let config = &self.shared.config;
+        let client = self.client().await?;
+        let fetch = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+        let retention = signed(config.retention as u64);
+        let oldest_ts = signed(config.oldest_kept_ts());
+        let conversation = key(conversation);
+        // One statement, one snapshot: the page and the conversation's newest id agree.
+        let (sql, bound) = match after {
+            Some(after) => (
+                format!(
+                    "SELECT c.last_id, m.id, m.sender, m.recipient, m.body, m.ts FROM \
+                     (SELECT coalesce(max(last_id), 0) AS last_id FROM {schema}.conversations \
+                       WHERE key = $1) c \
+                     LEFT JOIN LATERAL (SELECT * FROM {schema}.messages WHERE conversation = $1 \
+                       AND id > greatest($2, c.last_id - $3) AND ts >= $4 ORDER BY id LIMIT $5) m \
+                     ON true ORDER BY m.id"
+                ),
+                signed(after),
+            ),
+            None => (
+                format!(
+                    "SELECT c.last_id, m.id, m.sender, m.recipient, m.body, m.ts FROM \
+                     (SELECT coalesce(max(last_id), 0) AS last_id FROM {schema}.conversations \
+                       WHERE key = $1) c \
+                     LEFT JOIN LATERAL (SELECT * FROM {schema}.messages WHERE conversation = $1 \
+                       AND id < $2 AND id > c.last_id - $3 AND ts >= $4 \
+                       ORDER BY id DESC LIMIT $5) m \
+                     ON true ORDER BY m.id DESC"
+                ),
+                before.map_or(i64::MAX, signed),
+            ),
+        };
+        let statement = client.prepare_cached(&sql).await.map_err(database)?;
+        let rows = client
+            .query(
+                &statement,
+                &[&conversation, &bound, &retention, &oldest_ts, &fetch],
+            )
+            .await
+            .map_err(database)?;
+        let last_id: i64 = rows.first().map_or(0, |row| row.get(0));
+        let mut messages = Vec::new();
+        for row in &rows {
+            let Some(id) = row.get::<_, Option<i64>>(1) else {
+                continue;
+            };
+            messages.push(StoredMessage {
+                id: unsigned(id),
+                from: row.get(2),
+                to: row.get(3),
+                body: row.get(4),
+                ts: unsigned(row.get(5)),
+            });
+        }
+        let more = messages.len() > limit;
+        messages.truncate(limit);
+        if after.is_none() {
+            messages.reverse();
+        }
+        Ok(Page {
+            messages,
+            more,
+            last_id: unsigned(last_id),
+        })
+    }
+}
+
+/// Creates or updates the schema, once across nodes, and returns the store's epoch.
+async fn migrate(pool: &Pool, schema: &str) -> Result<String, StoreError> {
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|error| StoreError(format!("cannot connect to PostgreSQL: {error}")))?;
+    let tx = client.transaction().await.map_err(database)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(database)?;
+    let exists = tx
+        .query_opt(
+            "SELECT 1 FROM information_schema.tables WHERE table_schema = $1 AND table_name = 'meta'",
+            &[&schema],
+        )
+        .await
+        .map_err(database)?
+        .is_some();
+    if exists {
+        let version: Option<String> = tx
+            .query_opt(
+                &format!("SELECT value FROM {schema}.meta WHERE key = 'schema_version'"),
+                &[],
+            )
+            .await
+            .map_err(database)?
+            .map(|row| row.get(0));
+        let version: i64 = version.and_then(|v| v.parse().ok()).unwrap_or(0);
+        if version > SCHEMA_VERSION {
+            return Err(StoreError(format!(
+                "schema {schema} has version {version}, newer than this program's {SCHEMA_VERSION}"
+            )));
+        }
+    }
+    tx.batch_execute(&include_str!("schema.sql").replace("chat_schema", schema))
+        .await
+        .map_err(database)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {schema}.meta (key, value) VALUES ('epoch', $1), ('schema_version', $2) \
+             ON CONFLICT (key) DO NOTHING"
+        ),
+        &[
+            &crate::layer::unique_channel_name("postgres"),
+            &SCHEMA_VERSION.to_string(),
+        ],
+    )
+    .await
+    .map_err(database)?;
+    let epoch: String = tx
+        .query_one(
+            &format!("SELECT value FROM {schema}.meta WHERE key = 'epoch'"),
+            &[],
+        )
+        .await
+        .map_err(database)?
+        .get(0);
+    tx.commit().await.map_err(database)?;
+    Ok(epoch)
+}
+
+/// The writer: one `write_batch` call per batch of whatever queued meanwhile.
+async fn write_loop(
+    pool: Pool,
+    schema: String,
+    config: StoreConfig,
+    mut queue: mpsc::Receiver<Write>,
+) {
+    let sql = format!(
+        "SELECT out_id, out_duplicate, out_sender, out_recipient, out_body, out_ts \
+         FROM {schema}.write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    );
+    let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
+    let retention = signed(config.retention as u64);
+    let mut maintained = tokio::time::Instant::now();
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        let result = run_batch(&pool, &sql, &batch, window, retention).await;
+        match result {
+            Ok(rows) if rows.len() == batch.len() => {
+                for (write, row) in batch.into_iter().zip(rows) {
+                    let _ = write.reply.send(Ok(row));
+                }
+            }
+            Ok(rows) => {
+                let error = StoreError(format!(
+                    "postgres: write_batch answered {} of {} requests",
+                    rows.len(),
+                    batch.len()
+                ));
+                for write in batch {
+                    let _ = write.reply.send(Err(error.clone()));
+                }
+            }
+            Err(error) => {
+                for write in batch {
+                    let _ = write.reply.send(Err(error.clone()));
+                }
+            }
+        }
+        if maintained.elapsed() >= MAINTENANCE_EVERY {
+            if let Err(error) = maintain(&pool, &schema, &config).await {
+                tracing::warn!(%error, "postgres maintenance failed");
+            }
+            maintained = tokio::time::Instant::now();
+        }
+    }
+}
+
+async fn run_batch(
+    pool: &Pool,
+    sql: &str,
+    batch: &[Write],
+    window: i64,
+    retention: i64,
+) -> Result<Vec<Row>, StoreError> {
+    let kinds: Vec<&str> = batch.iter().map(|w| w.kind).collect();
+    let conversations: Vec<&str> = batch.iter().map(|w| w.conversation.as_str()).collect();
+    let senders: Vec<&str> = batch.iter().map(|w| w.sender.as_str()).collect();
+    let recipients: Vec<Option<&str>> = batch.iter().map(|w| w.recipient.as_deref()).collect();
+    let bodies: Vec<Option<&str>> = batch.iter().map(|w| w.body.as_deref()).collect();
+    let values: Vec<i64> = batch.iter().map(|w| w.value).collect();
+    let references: Vec<Option<&str>> = batch.iter().map(|w| w.reference.as_deref()).collect();
+    let directs: Vec<bool> = batch.iter().map(|w| w.direct).collect();
+    let client = pool.get().await.map_err(failed)?;
+    let statement = client.prepare_cached(sql).await.map_err(database)?;
+    // One statement outside any explicit transaction: it runs, and commits, as one.
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &kinds,
+                &conversations,
+                &senders,
+                &recipients,
+                &bodies,
+                &values,
+                &references,
+                &directs,
+                &window,
+                &retention,
+            ],
+        )
+        .await
+        .map_err(database)?;
+    Ok(rows
+        .iter()
+        .map(|row| Row {
+            id: row.get(0),
+            duplicate: row.get(1),
+            sender: row.get(2),
+            recipient: row.get(3),
+            body: row.get(4),
+            ts: row.get(5),
+        })
+        .collect())
+}
+
+/// Forgets refs whose window has ended and messages older than the maximum age, a chunk at a
+/// time.
+async fn maintain(pool: &Pool, schema: &str, config: &StoreConfig) -> Result<(), StoreError> {
+    let client = pool.get().await.map_err(failed)?;
+    let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
+    let cutoff = signed(super::now_ms()).saturating_sub(window);
+    client
+        .execute(
+            &format!(
+                "DELETE FROM {schema}.refs WHERE ctid IN \
+                 (SELECT ctid FROM {schema}.refs WHERE ts < $1 LIMIT $2)"
+            ),
+            &[&cutoff, &MAINTENANCE_CHUNK],
+        )
+        .await
+        .map_err(database)?;
+    if config.max_age.is_some() {
+        let oldest = signed(config.oldest_kept_ts());
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM {schema}.messages WHERE ctid IN \
+                     (SELECT ctid FROM {schema}.messages WHERE ts < $1 LIMIT $2)"
+                ),
+                &[&oldest, &MAINTENANCE_CHUNK],
+            )
+            .await
+            .map_err(database)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl HistoryStore for PostgresHistoryStore {
+    async fn append(
+        &self,
+        conversation: &Conversation,
+        message: NewMessage<'_>,
+    ) -> Result<Appended, StoreError> {
+        storable(message.body)?;
+        if let Some(reference) = message.reference {
+            storable(reference)?;
+        }
+        let (reply, answer) = oneshot::channel();
+        let write = Write {
+            kind: "a",
+            conversation: key(conversation),
+            sender: message.from.to_owned(),
+            recipient: message.to.map(str::to_owned),
+            body: Some(message.body.to_owned()),
+            value: signed(message.ts),
+            reference: message.reference.map(str::to_owned),
+            direct: matches!(conversation, Conversation::Direct(..)),
+            reply,
+        };
+        let row = self.write(write, answer).await?;
+        let unexpected = || StoreError("postgres: write_batch returned no message".into());
+        Ok(Appended {
+            message: StoredMessage {
+                id: unsigned(row.id),
+                from: row.sender.ok_or_else(unexpected)?,
+                to: row.recipient,
+                body: row.body.ok_or_else(unexpected)?,
+                ts: unsigned(row.ts.ok_or_else(unexpected)?),
+            },
+            duplicate: row.duplicate,
+        })
+    }
+
+    async fn before(
+        &self,
+        conversation: &Conversation,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        self.page(conversation, before, None, limit).await
+    }
+
+    async fn after(
+        &self,
+        conversation: &Conversation,
+        after: u64,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        self.page(conversation, None, Some(after), limit).await
+    }
+
+    async fn mark_read(
+        &self,
+        user: &str,
+        conversation: &Conversation,
+        id: u64,
+    ) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let write = Write {
+            kind: "r",
+            conversation: key(conversation),
+            sender: user.to_owned(),
+            recipient: None,
+            body: None,
+            value: signed(id),
+            reference: None,
+            direct: false,
+            reply,
+        };
+        Ok(unsigned(self.write(write, answer).await?.id))
+    }
+
+    async fn inbox(&self, user: &str) -> Result<Vec<InboxEntry>, StoreError> {
+        let schema = &self.shared.schema;
+        let config = &self.shared.config;
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT p.partner, c.last_id, coalesce(r.id, 0), \
+                   (SELECT count(*) FROM {schema}.messages m \
+                     WHERE m.conversation = p.conversation AND m.id > coalesce(r.id, 0) \
+                       AND m.id > c.last_id - $2 AND m.ts >= $3 AND m.sender = p.partner) \
+                 FROM {schema}.partners p \
+                 JOIN {schema}.conversations c ON c.key = p.conversation \
+                 LEFT JOIN {schema}.reads r ON r.reader = p.owner AND r.conversation = p.conversation \
+                 WHERE p.owner = $1 ORDER BY p.recency DESC"
+            ))
+            .await
+            .map_err(database)?;
+        let retention = signed(config.retention as u64);
+        let oldest_ts = signed(config.oldest_kept_ts());
+        let rows = client
+            .query(&statement, &[&user, &retention, &oldest_ts])
+            .await
+            .map_err(database)?;
+        Ok(rows
+            .iter()
+            .map(|row| InboxEntry {
+                with: row.get(0),
+                last_id: unsigned(row.get(1)),
+                read_id: unsigned(row.get(2)),
+                unread: unsigned(row.get(3)),
+            })
+            .collect())
+    }
+
+    async fn direct_heads(&self, user: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let schema = &self.shared.schema;
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT p.partner, c.last_id FROM {schema}.partners p \
+                 JOIN {schema}.conversations c ON c.key = p.conversation WHERE p.owner = $1"
+            ))
+            .await
+            .map_err(database)?;
+        let rows = client.query(&statement, &[&user]).await.map_err(database)?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get(0), unsigned(row.get(1))))
+            .collect())
+    }
+
+    async fn epoch(&self) -> Result<String, StoreError> {
+        Ok(self.shared.epoch.clone())
+    }
+}
