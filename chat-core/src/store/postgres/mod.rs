@@ -56,7 +56,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
 const MAINTENANCE_CHUNK: i64 = 10_000;
 /// An arbitrary constant: the advisory lock that serializes migrations.
-const MIGRATION_LOCK: i64 = 0x6368_6174_6d69_67;
+const MIGRATION_LOCK: i64 = 0x0063_6861_746d_6967;
 
 /// A [`HistoryStore`] in PostgreSQL. Cheap to clone; clones share one pool.
 ///
