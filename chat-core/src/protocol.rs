@@ -302,6 +302,9 @@ pub fn decode_with_ref(text: &[u8]) -> Result<(ClientFrame, Option<String>), Fra
 fn read_ref(map: &Map<String, Value>) -> Result<Option<String>, FrameError> {
     match map.get("ref") {
         None | Some(Value::Null) => Ok(None),
+        Some(Value::String(r)) if r.contains('\0') => {
+            Err(FrameError::bad("\"ref\" contains a NUL character", None))
+        }
         Some(Value::String(r)) if r.chars().count() <= MAX_REF_LEN => Ok(Some(r.clone())),
         Some(Value::String(_)) => Err(FrameError::bad(
             format!("\"ref\" is longer than {MAX_REF_LEN} characters"),
@@ -618,6 +621,7 @@ mod tests {
             r#"{"type":"typing","room":"a","to":"b"}"#,
             r#"{"type":"history","room":"a","before":1,"after":2}"#,
             r#"{"type":"ping","ref":5}"#,
+            r#"{"type":"ping","ref":"a\u0000b"}"#,
             r#"{"type":"read","room":"a"}"#,
         ] {
             assert_eq!(code(text), ErrorCode::BadFrame, "{text}");

@@ -700,6 +700,23 @@ async fn body_limits_are_characters_not_bytes() {
 }
 
 #[tokio::test]
+async fn a_body_with_a_nul_character_is_bad_frame_on_every_store() {
+    // PostgreSQL cannot store U+0000; no store is asked to.
+    let chat = chat();
+    let mut alice = Client::connect(&chat, "alice").await;
+    alice.join("a").await;
+    alice
+        .send(json!({"type": "send", "room": "a", "body": "a\u{0}b", "ref": "nul"}))
+        .await;
+    assert_eq!(alice.expect_error("bad_frame").await["ref"], "nul");
+    alice
+        .send(json!({"type": "direct", "to": "bob", "body": "\u{0}"}))
+        .await;
+    alice.expect_error("bad_frame").await;
+    alice.sync().await;
+}
+
+#[tokio::test]
 async fn a_repeated_ref_is_not_delivered_twice() {
     let chat = chat();
     let mut alice = Client::connect(&chat, "alice").await;

@@ -101,6 +101,10 @@ enum Backend {
     Memory,
     #[cfg(feature = "redis")]
     Redis,
+    /// The in-memory layer and registry, and a PostgreSQL store per node on one schema: what
+    /// makes ids of different nodes commit in order.
+    #[cfg(feature = "postgres")]
+    Postgres,
 }
 
 /// One node's three backends.
@@ -125,6 +129,17 @@ impl Cluster {
                     parts.push((layer.clone(), registry.clone(), store.clone()));
                 }
             }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => {
+                let layer: Arc<dyn ChannelLayer> =
+                    Arc::new(InMemoryChannelLayer::new(layer_config));
+                let registry: Arc<dyn Registry> = Arc::new(InMemoryRegistry::default());
+                // Replaced by one PostgreSQL store per node below.
+                let store: Arc<dyn HistoryStore> = Arc::new(InMemoryHistoryStore::default());
+                for _ in 0..count {
+                    parts.push((layer.clone(), registry.clone(), store.clone()));
+                }
+            }
             #[cfg(feature = "redis")]
             Backend::Redis => {
                 use chat_core::layer::RedisChannelLayer;
@@ -141,6 +156,19 @@ impl Cluster {
                         .unwrap();
                     parts.push((Arc::new(layer), Arc::new(registry), Arc::new(store)));
                 }
+            }
+        }
+        #[cfg(feature = "postgres")]
+        if let Backend::Postgres = backend {
+            use chat_core::store::{PostgresHistoryStore, StoreConfig};
+            let url = std::env::var("CHAT_TEST_DATABASE_URL")
+                .expect("CHAT_TEST_DATABASE_URL is not set: run ./scripts/test.sh");
+            let schema = format!("multinode_{}", fresh_name());
+            for part in &mut parts {
+                let store = PostgresHistoryStore::connect(&url, &schema, StoreConfig::default())
+                    .await
+                    .unwrap();
+                part.2 = Arc::new(store);
             }
         }
         let nodes = parts
@@ -179,6 +207,18 @@ impl Cluster {
             node.layer.lose_group_sends(probability);
         }
     }
+}
+
+/// A name no other test of this process or another uses (lowercase, for a schema).
+#[cfg(feature = "postgres")]
+fn fresh_name() -> String {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Limits that let a test send as fast as it likes.
@@ -646,6 +686,15 @@ macro_rules! on_every_backend {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     super::$test(super::Backend::Redis).await;
+                }
+            )*
+        }
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Postgres).await;
                 }
             )*
         }

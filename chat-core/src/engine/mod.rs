@@ -235,6 +235,9 @@ pub enum ChatError {
     /// An empty body.
     #[error("empty body")]
     EmptyBody,
+    /// A body holding U+0000, which no store keeps faithfully (PostgreSQL refuses it).
+    #[error("body contains a NUL character")]
+    NulInBody,
     /// A body over `max_body_chars`.
     #[error("body longer than {0} characters")]
     BodyTooLarge(usize),
@@ -255,7 +258,7 @@ impl ChatError {
         match self {
             Self::InvalidName(_) => ErrorCode::InvalidName,
             Self::InvalidTarget => ErrorCode::InvalidTarget,
-            Self::EmptyBody => ErrorCode::BadFrame,
+            Self::EmptyBody | Self::NulInBody => ErrorCode::BadFrame,
             Self::BodyTooLarge(_) => ErrorCode::TooLarge,
             Self::Store(_) | Self::Layer(_) | Self::Registry(_) => ErrorCode::Unavailable,
         }
@@ -482,6 +485,9 @@ impl Inner {
     pub(crate) fn check_body(&self, body: &str) -> Result<(), ChatError> {
         if body.is_empty() {
             return Err(ChatError::EmptyBody);
+        }
+        if body.contains('\0') {
+            return Err(ChatError::NulInBody);
         }
         // Count characters only when the byte length could exceed the limit.
         let max = self.config.max_body_chars;
