@@ -53,7 +53,7 @@ before(async () => {
   mkdirSync(ARTIFACTS, { recursive: true });
   const port = await freePort();
   base = `http://127.0.0.1:${port}`;
-  server = spawn(SERVER, ['--addr', `127.0.0.1:${port}`], { stdio: ['ignore', 'pipe', 'pipe'] });
+  server = spawn(SERVER, ['--addr', `127.0.0.1:${port}`, '--store', 'memory'], { stdio: ['ignore', 'pipe', 'pipe'] });
   server.stdout.on('data', (d) => { serverLog += d; });
   server.stderr.on('data', (d) => { serverLog += d; });
   await waitForHttp(`${base}/config.json`);
@@ -216,7 +216,7 @@ test('jwt sign-in, refusal, and a graceful shutdown on SIGTERM', async () => {
   const url = `http://127.0.0.1:${port}`;
   const secret = 'browser test secret';
   let log = '';
-  const jwtServer = spawn(SERVER, ['--addr', `127.0.0.1:${port}`, '--auth', 'jwt'], {
+  const jwtServer = spawn(SERVER, ['--addr', `127.0.0.1:${port}`, '--auth', 'jwt', '--store', 'memory'], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, CHAT_JWT_SECRET: secret },
   });

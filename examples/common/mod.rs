@@ -10,7 +10,9 @@ use std::time::Duration;
 use chat_core::auth::{Authenticator, DevAuthenticator, JwtAuthenticator};
 use chat_core::layer::{ChannelLayer, LayerConfig, RedisChannelLayer};
 use chat_core::registry::{RedisRegistry, Registry};
-use chat_core::store::{HistoryStore, RedisHistoryStore, StoreConfig};
+use chat_core::store::{
+    HistoryStore, PostgresHistoryStore, RedisHistoryStore, SqliteHistoryStore, StoreConfig,
+};
 use chat_core::{Chat, ChatConfig};
 use clap::{Parser, ValueEnum};
 
@@ -54,10 +56,20 @@ pub(crate) struct Cli {
     /// Prefix of every Redis key and channel this server uses; nodes of one deployment share it.
     #[arg(long, env = "CHAT_REDIS_PREFIX", default_value = "chat")]
     pub(crate) redis_prefix: String,
-    /// History store: `memory`, `redis`, `sqlite://FILE` or `postgres://URL`. Default: `redis`
-    /// with `--layer redis` (so several nodes agree on ids and history), else `memory`.
+    /// History store: `sqlite://FILE`, `postgres://URL`, `redis` or `memory`. Default: `redis`
+    /// with `--layer redis` (so several nodes agree on ids and history), else
+    /// `sqlite://chat.db` in the working directory.
     #[arg(long, env = "CHAT_STORE")]
     pub(crate) store: Option<String>,
+    /// The PostgreSQL schema the store keeps its tables in.
+    #[arg(long, env = "CHAT_STORE_SCHEMA", default_value = "chat")]
+    pub(crate) store_schema: String,
+    /// Messages kept per conversation.
+    #[arg(long, env = "CHAT_RETENTION", default_value_t = StoreConfig::default().retention)]
+    pub(crate) retention: usize,
+    /// Hours a message is kept (0: no limit by age).
+    #[arg(long, env = "CHAT_RETENTION_HOURS", default_value_t = 0)]
+    pub(crate) retention_hours: u64,
     /// Seconds a node's registry lease lasts: a node killed without goodbye drops out of
     /// `online` and its rooms within about this long plus a third.
     #[arg(long, env = "CHAT_NODE_LEASE", default_value_t = 30)]
@@ -124,31 +136,58 @@ impl Cli {
         }
         let default_store = match self.layer {
             LayerMode::Redis => "redis",
-            LayerMode::Memory => "memory",
+            LayerMode::Memory => "sqlite://chat.db",
         };
-        match self.store.as_deref().unwrap_or(default_store) {
+        let store_config = StoreConfig {
+            retention: self.retention.max(1),
+            max_age: (self.retention_hours > 0)
+                .then(|| Duration::from_secs(self.retention_hours.saturating_mul(3_600))),
+            ..StoreConfig::default()
+        };
+        let store: Option<Arc<dyn HistoryStore>> = match self
+            .store
+            .as_deref()
+            .unwrap_or(default_store)
+        {
             "memory" => {
                 if self.layer == LayerMode::Redis {
                     tracing::warn!("--store memory with --layer redis: each node hands out its own ids; use it with one node only");
                 }
+                None
             }
             "redis" => {
-                let store = RedisHistoryStore::connect(redis, prefix, StoreConfig::default())
+                let store = RedisHistoryStore::connect(redis, prefix, store_config)
                     .await
                     .map_err(|error| format!("--store redis: {error}"))?;
                 tracing::info!(url = redis, prefix, "Redis history store");
-                builder = builder.store(Arc::new(store) as Arc<dyn HistoryStore>);
+                Some(Arc::new(store))
             }
-            other if other.starts_with("sqlite://") || other.starts_with("postgres://") => {
-                return Err(format!(
-                    "--store {other} is not available yet: durable history stores have not landed; use --store memory or redis"
-                ));
+            sqlite if sqlite.starts_with("sqlite://") => {
+                let path = &sqlite["sqlite://".len()..];
+                let store = SqliteHistoryStore::open(path, store_config)
+                    .await
+                    .map_err(|error| format!("--store {sqlite}: {error}"))?;
+                tracing::info!(path, "SQLite history store");
+                Some(Arc::new(store))
+            }
+            postgres
+                if postgres.starts_with("postgres://") || postgres.starts_with("postgresql://") =>
+            {
+                let store =
+                    PostgresHistoryStore::connect(postgres, &self.store_schema, store_config)
+                        .await
+                        .map_err(|error| format!("--store postgres: {error}"))?;
+                tracing::info!(schema = self.store_schema, "PostgreSQL history store");
+                Some(Arc::new(store))
             }
             other => {
                 return Err(format!(
-                    "--store {other:?}: expected memory, redis, sqlite://FILE or postgres://URL"
+                    "--store {other:?}: expected sqlite://FILE, postgres://URL, redis or memory"
                 ))
             }
+        };
+        if let Some(store) = store {
+            builder = builder.store(store);
         }
         Ok(builder.config(config).build())
     }
