@@ -50,7 +50,7 @@ else
     }
     chat_on_exit stop_test_postgres
     psql -h "$CHAT_PG_DIR" -U postgres -v ON_ERROR_STOP=1 -q -c "CREATE DATABASE $chat_test_database" >/dev/null
-    CHAT_TEST_DATABASE_URL="postgresql://postgres@localhost/$chat_test_database?host=$CHAT_PG_DIR"
+    CHAT_TEST_DATABASE_URL="postgresql:///$chat_test_database?host=$CHAT_PG_DIR&user=postgres"
 fi
 export CHAT_TEST_DATABASE_URL
 echo "test: PostgreSQL for the tests at $CHAT_TEST_DATABASE_URL" >&2

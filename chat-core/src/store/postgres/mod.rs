@@ -113,6 +113,14 @@ fn failed(error: impl std::fmt::Display) -> StoreError {
     StoreError(format!("postgres: {error}"))
 }
 
+/// A pool error; one from the database carries the server's own message.
+fn unavailable(error: deadpool_postgres::PoolError) -> StoreError {
+    match error {
+        deadpool_postgres::PoolError::Backend(error) => database(error),
+        other => failed(other),
+    }
+}
+
 /// A driver error with the server's own message, which its `Display` leaves out.
 fn database(error: tokio_postgres::Error) -> StoreError {
     match error.as_db_error() {
@@ -219,7 +227,7 @@ impl PostgresHistoryStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.shared.pool.get().await.map_err(failed)
+        self.shared.pool.get().await.map_err(unavailable)
     }
 
     async fn write(
@@ -314,10 +322,12 @@ impl PostgresHistoryStore {
 
 /// Creates or updates the schema, once across nodes, and returns the store's epoch.
 async fn migrate(pool: &Pool, schema: &str) -> Result<String, StoreError> {
-    let mut client = pool
-        .get()
-        .await
-        .map_err(|error| StoreError(format!("cannot connect to PostgreSQL: {error}")))?;
+    let mut client = pool.get().await.map_err(|error| {
+        StoreError(format!(
+            "cannot connect to PostgreSQL: {}",
+            unavailable(error).0
+        ))
+    })?;
     let tx = client.transaction().await.map_err(database)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -442,7 +452,7 @@ async fn run_batch(
     let values: Vec<i64> = batch.iter().map(|w| w.value).collect();
     let references: Vec<Option<&str>> = batch.iter().map(|w| w.reference.as_deref()).collect();
     let directs: Vec<bool> = batch.iter().map(|w| w.direct).collect();
-    let client = pool.get().await.map_err(failed)?;
+    let client = pool.get().await.map_err(unavailable)?;
     let statement = client.prepare_cached(sql).await.map_err(database)?;
     // One statement outside any explicit transaction: it runs, and commits, as one.
     let rows = client
@@ -479,7 +489,7 @@ async fn run_batch(
 /// Forgets refs whose window has ended and messages older than the maximum age, a chunk at a
 /// time.
 async fn maintain(pool: &Pool, schema: &str, config: &StoreConfig) -> Result<(), StoreError> {
-    let client = pool.get().await.map_err(failed)?;
+    let client = pool.get().await.map_err(unavailable)?;
     let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
     let cutoff = signed(super::now_ms()).saturating_sub(window);
     client

@@ -1,0 +1,229 @@
+//! What a durable store promises, tested on a real server process killed with SIGKILL:
+//! everything acknowledged is there after the restart, with the same ids and epoch; a direct
+//! message to a user who was offline waits in their inbox; a client resuming across the restart
+//! gets exactly what it missed; a retry of an acknowledged `ref` is not stored again.
+//!
+//! Run for SQLite (a file of the test's own) and PostgreSQL (a schema of its own in
+//! `CHAT_TEST_DATABASE_URL`, which `scripts/test.sh` provides).
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../tests-shared/socket_suite.rs"]
+mod socket_suite;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use socket_suite::{connect, Socket};
+
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    profile.join("examples").join(name)
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    async fn start(store: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(example("chat-server-tungstenite"))
+            .args(["--addr", &addr.to_string()])
+            .args(store)
+            .args(["--rate-per-second", "10000", "--rate-burst", "10000"])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { child, addr }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn welcome_epoch(addr: SocketAddr, user: &str) -> (Socket, String) {
+    let mut socket = socket_suite::open(addr, &format!("/ws?user={user}"))
+        .await
+        .unwrap();
+    let welcome = socket.recv_type("welcome").await;
+    (socket, welcome["epoch"].as_str().unwrap().to_owned())
+}
+
+/// Sends `count` messages with refs `m0..`, up to 50 unacknowledged at a time; returns ref -> id.
+async fn send_acked(socket: &mut Socket, count: usize) -> BTreeMap<String, u64> {
+    let mut acked = BTreeMap::new();
+    let mut sent = 0;
+    while acked.len() < count {
+        while sent < count && sent - acked.len() < 50 {
+            let reference = format!("m{sent}");
+            socket
+                .send(json!({"type": "send", "room": "log", "body": reference, "ref": reference}))
+                .await;
+            sent += 1;
+        }
+        let frame = socket.recv().await;
+        match frame["type"].as_str() {
+            Some("ack") => {
+                let reference = frame["ref"].as_str().unwrap().to_owned();
+                acked.insert(reference, frame["id"].as_u64().unwrap());
+            }
+            Some("error") => panic!("refused: {frame}"),
+            _ => {}
+        }
+    }
+    acked
+}
+
+/// Every stored message of the room after `since`, paging past the resume cap.
+async fn resume(socket: &mut Socket, since: u64) -> Vec<Value> {
+    socket
+        .send(json!({"type": "join", "room": "log", "since": since}))
+        .await;
+    let joined = socket.recv_type("joined").await;
+    let mut messages: Vec<Value> = joined["history"].as_array().unwrap().clone();
+    let mut more = joined["more"] == true;
+    while more {
+        let after = messages.last().map_or(since, |m| m["id"].as_u64().unwrap());
+        socket
+            .send(json!({"type": "history", "room": "log", "after": after, "limit": 100}))
+            .await;
+        let page = socket.recv_type("history").await;
+        messages.extend(page["messages"].as_array().unwrap().iter().cloned());
+        more = page["more"] == true;
+    }
+    messages
+}
+
+fn ids(messages: &[Value]) -> Vec<u64> {
+    messages.iter().map(|m| m["id"].as_u64().unwrap()).collect()
+}
+
+async fn nothing_acknowledged_is_lost(store: &[&str]) {
+    let mut server = Server::start(store).await;
+    let (mut reader, epoch) = welcome_epoch(server.addr, "reader").await;
+    reader.join("log").await;
+    let (mut writer, _) = welcome_epoch(server.addr, "writer").await;
+    writer.join("log").await;
+    let acked = send_acked(&mut writer, 1_000).await;
+    let mut by_id: Vec<u64> = acked.values().copied().collect();
+    by_id.sort_unstable();
+    assert_eq!(by_id, (1..=1_000).collect::<Vec<_>>());
+    // The reader saw some of it live, up to `seen`.
+    let mut seen = 0;
+    while seen < 300 {
+        let frame = reader.recv().await;
+        if frame["type"] == "message" {
+            seen = frame["id"].as_u64().unwrap();
+        }
+    }
+    let mut dave = connect(server.addr, "dave").await;
+    dave.send(json!({"type": "direct", "to": "erin", "body": "while you were away", "ref": "d1"}))
+        .await;
+    dave.recv_type("ack").await;
+
+    // Killed the moment the last ack went out: no goodbye, no flush.
+    server.kill();
+    drop((reader, writer, dave));
+    let server = Server::start(store).await;
+
+    let (mut reader, again) = welcome_epoch(server.addr, "reader").await;
+    assert_eq!(
+        again, epoch,
+        "a durable store keeps its epoch across restarts"
+    );
+    let missed = resume(&mut reader, seen).await;
+    assert_eq!(
+        ids(&missed),
+        (seen + 1..=1_000).collect::<Vec<_>>(),
+        "the resume after the restart skipped or repeated something"
+    );
+    let (mut fresh, _) = welcome_epoch(server.addr, "fresh").await;
+    let everything = resume(&mut fresh, 0).await;
+    assert_eq!(ids(&everything), (1..=1_000).collect::<Vec<_>>());
+    for message in &everything {
+        let reference = message["body"].as_str().unwrap();
+        assert_eq!(acked[reference], message["id"].as_u64().unwrap());
+    }
+
+    // A retry of an acknowledged ref after the restart is answered with the first id.
+    let (mut writer, _) = welcome_epoch(server.addr, "writer").await;
+    writer.join("log").await;
+    writer
+        .send(json!({"type": "send", "room": "log", "body": "m7", "ref": "m7"}))
+        .await;
+    let ack = loop {
+        let frame = writer.recv().await;
+        if frame["type"] == "ack" {
+            break frame;
+        }
+    };
+    assert_eq!(ack["id"].as_u64(), Some(acked["m7"]));
+    writer.send(json!({"type": "history", "room": "log"})).await;
+    let newest = writer.recv_type("history").await;
+    assert_eq!(
+        newest["messages"].as_array().unwrap().last().unwrap()["id"],
+        1_000,
+        "the retry was stored again"
+    );
+
+    // Erin, offline when dave wrote, finds it.
+    let mut erin = connect(server.addr, "erin").await;
+    erin.send(json!({"type": "inbox"})).await;
+    let inbox = erin.recv_type("inbox").await;
+    assert_eq!(
+        inbox["conversations"],
+        json!([{"with": "dave", "last_id": 1, "read_id": 0, "unread": 1}])
+    );
+    erin.send(json!({"type": "history", "with": "dave"})).await;
+    let history = erin.recv_type("history").await;
+    assert_eq!(history["messages"][0]["body"], "while you were away");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_keeps_everything_acknowledged_across_sigkill() {
+    let dir = std::env::temp_dir().join(format!("chat-durability-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("chat.db");
+    let _ = std::fs::remove_file(&file);
+    let store = format!("sqlite://{}", file.display());
+    nothing_acknowledged_is_lost(&["--store", &store]).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_keeps_everything_acknowledged_across_sigkill() {
+    let url = std::env::var("CHAT_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!("CHAT_TEST_DATABASE_URL is not set: run ./scripts/test.sh, which provides one")
+    });
+    let schema = format!("durability_{}", std::process::id());
+    nothing_acknowledged_is_lost(&["--store", &url, "--store-schema", &schema]).await;
+}
