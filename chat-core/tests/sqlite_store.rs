@@ -107,3 +107,15 @@ async fn an_unwritable_file_is_a_clear_error_at_open() {
         .expect("setpriv (util-linux) is needed to run this check as an unprivileged user");
     assert!(status.success(), "the check failed as an unprivileged user");
 }
+
+#[tokio::test]
+async fn a_second_process_on_the_same_file_is_a_clear_error() {
+    let path = fresh_path();
+    let first = SqliteHistoryStore::open(&path, StoreConfig::default())
+        .await
+        .unwrap();
+    // The lock is per open file, so a second open in this process stands in for another process.
+    let error = open_error(&path).await;
+    assert!(error.contains("in use by another process"), "{error}");
+    drop(first);
+}

@@ -10,12 +10,16 @@
 //! ran (up to a thousand) and commits it as one transaction, so a burst of sends costs one
 //! `fsync`, not one each. The database is in WAL mode with `synchronous = FULL`: a commit is on
 //! disk before it returns, and only then does any request of the batch get its answer, so an
-//! `ack` always names a durable message. Each request runs in a savepoint of its own: one that
-//! fails (a constraint, say) fails alone. A commit that fails answers every request of its batch
-//! with an error, and nothing of the batch is stored.
+//! `ack` always names a durable message. A batch is atomic: if anything in it fails, every
+//! request gets an error and nothing of it is stored.
 //!
 //! One writer also makes the id contract simple: appends are numbered in commit order, every
-//! id below a visible one is visible, and retries are recognised even within one batch.
+//! id below a visible one is visible. And it lets the writer keep the retry window's refs in
+//! memory (loaded from the `ref_log` table at open, which it only ever appends to), so recognising
+//! a retry costs no random page writes; that is most of what group commit saves. One file, one
+//! process: a lock file makes a second process opening it fail with a clear error.
+//!
+//! WAL checkpoints run on a thread of their own, every second, never inside a commit.
 //!
 //! # Reads
 //!
@@ -30,7 +34,8 @@
 //! a file of another application, or one that is not SQLite at all, is refused with a clear
 //! error at open, before anything is written; so is a file that cannot be written.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -55,6 +60,10 @@ const READERS: usize = 4;
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
 /// Most old rows one maintenance round deletes per table, so it never holds the writer long.
 const MAINTENANCE_CHUNK: i64 = 10_000;
+/// Most refs kept in memory; past it the oldest are forgotten before their window ends (only
+/// reached above several thousand messages a second for the whole ten-minute window).
+const REF_CAPACITY: usize = 2_000_000;
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// A [`HistoryStore`] in a SQLite file. Cheap to clone; clones share the file's connections.
 ///
@@ -80,6 +89,77 @@ struct Shared {
     writes: mpsc::Sender<Write>,
     readers: Mutex<Vec<Connection>>,
     permits: Semaphore,
+    /// Dropped with the store: stops the checkpoint thread.
+    _checkpoints: std::sync::mpsc::Sender<()>,
+    /// Held while the store is open, so a second process cannot open the file.
+    _lock: File,
+}
+
+/// What a retry is recognised by.
+type RefKey = (String, String, String);
+
+/// The refs of the retry window, owned by the writer thread (the only one that writes), backed
+/// by `ref_log`.
+struct Refs {
+    window: i64,
+    known: HashMap<RefKey, (i64, i64)>,
+    /// Keys in the order they were stored, with their ts, for forgetting the oldest.
+    order: VecDeque<(i64, RefKey)>,
+}
+
+impl Refs {
+    fn load(conn: &Connection, window: i64) -> rusqlite::Result<Self> {
+        let mut refs = Self {
+            window,
+            known: HashMap::new(),
+            order: VecDeque::new(),
+        };
+        // Everything the log still holds: the window is measured on the messages' ts, and
+        // maintenance keeps the log to about the window.
+        let mut statement =
+            conn.prepare("SELECT conversation, sender, ref, id, ts FROM ref_log ORDER BY seq")?;
+        let rows = statement.query_map([], |row| {
+            Ok((
+                (row.get(0)?, row.get(1)?, row.get(2)?),
+                row.get(3)?,
+                row.get(4)?,
+            ))
+        })?;
+        for row in rows {
+            let (key, id, ts) = row?;
+            refs.remember(key, id, ts);
+        }
+        Ok(refs)
+    }
+
+    fn get(&self, key: &RefKey) -> Option<(i64, i64)> {
+        self.known.get(key).copied()
+    }
+
+    fn remember(&mut self, key: RefKey, id: i64, ts: i64) {
+        self.known.insert(key.clone(), (id, ts));
+        self.order.push_back((ts, key));
+        while self.order.len() > REF_CAPACITY {
+            self.forget_front();
+        }
+    }
+
+    /// Forgets the refs whose window has ended.
+    fn forget_old(&mut self) {
+        let oldest = signed(now_ms()).saturating_sub(self.window);
+        while self.order.front().is_some_and(|(ts, _)| *ts < oldest) {
+            self.forget_front();
+        }
+    }
+
+    fn forget_front(&mut self) {
+        if let Some((ts, key)) = self.order.pop_front() {
+            // Only the entry this slot was made for, not a newer one under the same key.
+            if self.known.get(&key).is_some_and(|(_, at)| *at == ts) {
+                self.known.remove(&key);
+            }
+        }
+    }
 }
 
 /// A request for the writer thread.
@@ -195,8 +275,12 @@ fn open_writer(path: &Path) -> Result<(Connection, String), StoreError> {
             "cannot use write-ahead logging for {shown} (journal mode stays {mode})"
         )));
     }
-    conn.execute_batch("PRAGMA synchronous = FULL")
-        .map_err(failed)?;
+    // Checkpoints run on their own thread, never inside a commit; a bigger page cache for the
+    // one connection that writes.
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -16384;",
+    )
+    .map_err(failed)?;
     let unwritable = problem;
     if fresh {
         let tx = conn
@@ -227,6 +311,34 @@ fn open_writer(path: &Path) -> Result<(Connection, String), StoreError> {
     Ok((conn, epoch))
 }
 
+/// Takes `{path}-lock` for this process, so a second process cannot open the store (its writer
+/// keeps the retry window in memory, which only holds with one writer).
+fn lock_file(path: &Path) -> Result<File, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-lock");
+    let shown = path.display();
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&name)
+        .map_err(|error| {
+            StoreError(format!(
+                "cannot write to {shown}: its lock file {}: {error}",
+                Path::new(&name).display()
+            ))
+        })?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError(format!(
+            "{shown} is in use by another process (a SQLite store serves one server)"
+        ))),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(StoreError(format!("cannot lock {shown}: {error}")))
+        }
+    }
+}
+
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
@@ -236,7 +348,12 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 }
 
 /// The writer thread: commits what has queued, as one transaction, until the store is dropped.
-fn write_loop(mut conn: Connection, mut writes: mpsc::Receiver<Write>, config: StoreConfig) {
+fn write_loop(
+    mut conn: Connection,
+    mut writes: mpsc::Receiver<Write>,
+    config: StoreConfig,
+    mut refs: Refs,
+) {
     let mut maintained = Instant::now();
     while let Some(first) = writes.blocking_recv() {
         let mut batch = vec![first];
@@ -246,9 +363,10 @@ fn write_loop(mut conn: Connection, mut writes: mpsc::Receiver<Write>, config: S
                 Err(_) => break,
             }
         }
-        commit(&mut conn, batch, &config);
+        commit(&mut conn, batch, &config, &mut refs);
         if maintained.elapsed() >= MAINTENANCE_EVERY {
-            if let Err(error) = maintain(&conn, &config) {
+            refs.forget_old();
+            if let Err(error) = maintain(&conn, &config, refs.window) {
                 tracing::warn!(%error, "sqlite maintenance failed");
             }
             maintained = Instant::now();
@@ -256,77 +374,92 @@ fn write_loop(mut conn: Connection, mut writes: mpsc::Receiver<Write>, config: S
     }
 }
 
+/// Runs WAL checkpoints every second until the store is dropped.
+fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
+    {
+        if let Err(error) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+            tracing::warn!(%error, "sqlite checkpoint failed");
+        }
+    }
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
 /// What one request of a batch came to.
-#[derive(Clone)]
 enum Outcome {
     Appended(Appended),
     Read(u64),
 }
 
-fn commit(conn: &mut Connection, batch: Vec<Write>, config: &StoreConfig) {
-    let outcomes = apply_all(conn, &batch, config);
-    for (i, write) in batch.into_iter().enumerate() {
-        let outcome = match &outcomes {
-            Ok(outcomes) => outcomes[i].clone(),
-            Err(error) => Err(error.clone()),
-        };
+fn commit(conn: &mut Connection, batch: Vec<Write>, config: &StoreConfig, refs: &mut Refs) {
+    let mut fresh = HashMap::new();
+    let outcomes = apply_all(conn, &batch, config, refs, &mut fresh);
+    if outcomes.is_ok() {
+        // Committed: this batch's refs are part of the window now.
+        for (key, (id, ts)) in fresh {
+            refs.remember(key, id, ts);
+        }
+    }
+    let outcomes: Vec<Result<Outcome, StoreError>> = match outcomes {
+        Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+        Err(error) => batch.iter().map(|_| Err(error.clone())).collect(),
+    };
+    for (write, outcome) in batch.into_iter().zip(outcomes) {
+        let wrong = || StoreError("internal: a reply of the wrong kind".into());
         match write {
             Write::Append { reply, .. } => {
                 let _ = reply.send(outcome.and_then(|o| match o {
                     Outcome::Appended(appended) => Ok(appended),
-                    Outcome::Read(_) => Err(StoreError("internal: wrong reply".into())),
+                    Outcome::Read(_) => Err(wrong()),
                 }));
             }
             Write::MarkRead { reply, .. } => {
                 let _ = reply.send(outcome.and_then(|o| match o {
                     Outcome::Read(position) => Ok(position),
-                    Outcome::Appended(_) => Err(StoreError("internal: wrong reply".into())),
+                    Outcome::Appended(_) => Err(wrong()),
                 }));
             }
         }
     }
 }
 
-/// Applies a batch in one transaction, each request in its own savepoint.
+/// Applies a batch in one transaction; any failure fails it all. `fresh` collects the refs the
+/// batch stores, so that a retry inside the same batch is recognised too.
 fn apply_all(
     conn: &mut Connection,
     batch: &[Write],
     config: &StoreConfig,
-) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
-    let mut tx = conn
+    refs: &Refs,
+    fresh: &mut HashMap<RefKey, (i64, i64)>,
+) -> Result<Vec<Outcome>, StoreError> {
+    let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(failed)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut touched: HashMap<&str, i64> = HashMap::new();
     for write in batch {
-        let savepoint = tx.savepoint().map_err(failed)?;
         let outcome = match write {
             Write::Append {
                 conversation,
                 direct,
                 message,
                 ..
-            } => append(&savepoint, conversation, *direct, message, config).map(|appended| {
+            } => {
+                let appended =
+                    append(&tx, conversation, *direct, message, refs, fresh).map_err(failed)?;
                 if !appended.duplicate {
                     touched.insert(conversation, signed(appended.message.id));
                 }
                 Outcome::Appended(appended)
-            }),
+            }
             Write::MarkRead {
                 reader,
                 conversation,
                 id,
                 ..
-            } => mark_read(&savepoint, reader, conversation, *id).map(Outcome::Read),
+            } => Outcome::Read(mark_read(&tx, reader, conversation, *id).map_err(failed)?),
         };
-        match outcome {
-            Ok(outcome) => {
-                savepoint.commit().map_err(failed)?;
-                outcomes.push(Ok(outcome));
-            }
-            // Dropping the savepoint undoes this request only.
-            Err(error) => outcomes.push(Err(failed(error))),
-        }
+        outcomes.push(outcome);
     }
     let retention = signed(config.retention as u64);
     for (conversation, last_id) in touched {
@@ -347,20 +480,20 @@ fn append(
     conversation: &str,
     direct: bool,
     message: &Owned,
-    config: &StoreConfig,
+    refs: &Refs,
+    fresh: &mut HashMap<RefKey, (i64, i64)>,
 ) -> rusqlite::Result<Appended> {
-    if let Some(reference) = &message.reference {
-        let earlier: Option<(i64, i64)> = tx
-            .prepare_cached(
-                "SELECT id, ts FROM refs WHERE conversation = ?1 AND sender = ?2 AND ref = ?3",
-            )?
-            .query_row(params![conversation, message.from, reference], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()?;
-        let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
+    let key = message.reference.as_ref().map(|reference| {
+        (
+            conversation.to_owned(),
+            message.from.clone(),
+            reference.clone(),
+        )
+    });
+    if let Some(key) = &key {
+        let earlier = fresh.get(key).copied().or_else(|| refs.get(key));
         if let Some((id, ts)) = earlier {
-            if ts.saturating_add(window) > message.ts {
+            if ts.saturating_add(refs.window) > message.ts {
                 let original = tx
                     .prepare_cached(
                         "SELECT sender, recipient, body, ts FROM messages \
@@ -409,12 +542,12 @@ fn append(
         message.body,
         message.ts
     ])?;
-    if let Some(reference) = &message.reference {
+    if let Some(key) = key {
         tx.prepare_cached(
-            "INSERT INTO refs (conversation, sender, ref, id, ts) VALUES (?1, ?2, ?3, ?4, ?5) \
-             ON CONFLICT (conversation, sender, ref) DO UPDATE SET id = excluded.id, ts = excluded.ts",
+            "INSERT INTO ref_log (conversation, sender, ref, id, ts) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![conversation, message.from, reference, id, message.ts])?;
+        .execute(params![key.0, key.1, key.2, id, message.ts])?;
+        fresh.insert(key, (id, message.ts));
     }
     if let (true, Some(to)) = (direct, &message.to) {
         let recency: i64 = tx
@@ -454,11 +587,11 @@ fn mark_read(tx: &Connection, reader: &str, conversation: &str, id: i64) -> rusq
 
 /// Forgets refs whose window has ended and messages older than the maximum age, a chunk at a
 /// time so the writer is never held long.
-fn maintain(conn: &Connection, config: &StoreConfig) -> rusqlite::Result<()> {
-    let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
+fn maintain(conn: &Connection, config: &StoreConfig, window: i64) -> rusqlite::Result<()> {
+    // The log is in time order: look only at its front.
     conn.execute(
-        "DELETE FROM refs WHERE (conversation, sender, ref) IN \
-         (SELECT conversation, sender, ref FROM refs WHERE ts < ?1 LIMIT ?2)",
+        "DELETE FROM ref_log WHERE seq IN (SELECT seq FROM ref_log ORDER BY seq LIMIT ?2) \
+         AND ts < ?1",
         params![signed(now_ms()).saturating_sub(window), MAINTENANCE_CHUNK],
     )?;
     if config.max_age.is_some() {
@@ -546,27 +679,38 @@ impl SqliteHistoryStore {
     /// that is not SQLite, is damaged, belongs to something else, or cannot be written.
     pub async fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Self, StoreError> {
         let path = path.as_ref().to_owned();
+        let lock = lock_file(&path)?;
+        let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
         let opening = path.clone();
         let opened = tokio::task::spawn_blocking(move || {
             let (writer, epoch) = open_writer(&opening)?;
+            let refs =
+                Refs::load(&writer, window).map_err(|error| file_problem(&opening, error))?;
             let readers = (0..READERS)
                 .map(|_| open_reader(&opening))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok::<_, StoreError>((writer, epoch, readers))
+            let checkpointer = Connection::open(&opening).map_err(failed)?;
+            Ok::<_, StoreError>((writer, epoch, refs, readers, checkpointer))
         })
         .await
         .map_err(|error| StoreError(format!("opening {}: {error}", path.display())))?;
-        let (writer, epoch, readers) = opened?;
+        let (writer, epoch, refs, readers, checkpointer) = opened?;
         let config = StoreConfig {
             retention: config.retention.max(1),
             ..config
         };
         let (writes, queue) = mpsc::channel(QUEUE);
         let writer_config = config.clone();
+        let cannot_start = |error| StoreError(format!("cannot start a sqlite thread: {error}"));
         std::thread::Builder::new()
             .name("chat-sqlite-writer".into())
-            .spawn(move || write_loop(writer, queue, writer_config))
-            .map_err(|error| StoreError(format!("cannot start the sqlite writer: {error}")))?;
+            .spawn(move || write_loop(writer, queue, writer_config, refs))
+            .map_err(cannot_start)?;
+        let (checkpoints, stop) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("chat-sqlite-checkpoints".into())
+            .spawn(move || checkpoint_loop(checkpointer, stop))
+            .map_err(cannot_start)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 path,
@@ -575,6 +719,8 @@ impl SqliteHistoryStore {
                 writes,
                 readers: Mutex::new(readers),
                 permits: Semaphore::new(READERS),
+                _checkpoints: checkpoints,
+                _lock: lock,
             }),
         })
     }

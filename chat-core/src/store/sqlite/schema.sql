@@ -24,16 +24,17 @@ CREATE TABLE messages (
 ) WITHOUT ROWID;
 CREATE INDEX messages_by_ts ON messages (ts);
 
--- Retries: the first message stored under each (conversation, sender, ref).
-CREATE TABLE refs (
+-- Retries: the first message stored under each (conversation, sender, ref), in the order they
+-- were stored. Only ever appended to (and trimmed from the front), so writing it costs no random
+-- page writes: the writer looks refs up in memory, loaded from here when the store opens.
+CREATE TABLE ref_log (
+    seq INTEGER PRIMARY KEY,
     conversation TEXT NOT NULL,
     sender TEXT NOT NULL,
     ref TEXT NOT NULL,
     id INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
-    PRIMARY KEY (conversation, sender, ref)
-) WITHOUT ROWID;
-CREATE INDEX refs_by_ts ON refs (ts);
+    ts INTEGER NOT NULL
+);
 
 CREATE TABLE reads (
     reader TEXT NOT NULL,
