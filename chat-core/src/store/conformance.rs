@@ -365,6 +365,36 @@ where
     assert_eq!(stored, 1, "racing retries were stored {stored} times");
     assert_eq!(seen, HashSet::from([1]));
     assert_eq!(ids(&store.after(&room, 0, 100).await.unwrap()), [1]);
+
+    // Without a window nothing is a retry, even racing in one batch.
+    let store = factory(StoreConfig {
+        dedup_window: Duration::ZERO,
+        ..StoreConfig::default()
+    })
+    .await;
+    let attempts: Vec<_> = (0..16)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let room = room.clone();
+            tokio::spawn(async move {
+                let message = NewMessage {
+                    from: "alice",
+                    to: None,
+                    body: "each",
+                    ts: 5_000,
+                    reference: Some("same"),
+                };
+                store.append(&room, message).await.unwrap()
+            })
+        })
+        .collect();
+    for attempt in attempts {
+        assert!(!attempt.await.unwrap().duplicate, "no window, yet a retry");
+    }
+    assert_eq!(
+        ids(&store.after(&room, 0, 100).await.unwrap()),
+        (1..=16).collect::<Vec<_>>()
+    );
 }
 
 /// Read positions only move forward, per user and conversation.

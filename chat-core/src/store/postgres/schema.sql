@@ -57,6 +57,10 @@ CREATE SEQUENCE IF NOT EXISTS recency;
 -- what each is: 'a' an append (of sender, recipient, body, ts, ref, direct), 'r' a read position
 -- (reader in in_senders, the id in in_tss). One row comes back per request, in order: the id (the
 -- position, for reads), whether the append was a retry, and the stored message.
+--
+-- Set-based where it counts: each conversation's counter is read once and written once, and the
+-- messages, refs and inbox entries of the whole batch are written by one statement each; the
+-- loop only numbers the appends and spots retries (against the refs table, and within the batch).
 CREATE OR REPLACE FUNCTION write_batch(
     in_kinds text[],
     in_conversations text[],
@@ -81,83 +85,147 @@ SET search_path = chat_schema
 AS $$
 DECLARE
     n int := coalesce(array_length(in_kinds, 1), 0);
-    appended text[];
-    earlier record;
+    keys text[];
+    first_lasts bigint[];
+    lasts bigint[];
+    found_at int[];
+    found_ids bigint[];
+    found_ts bigint[];
+    batch_refs text[] := '{}';
+    batch_ref_ids bigint[] := '{}';
+    batch_ref_ts bigint[] := '{}';
+    ids bigint[] := array_fill(0::bigint, ARRAY[n]);
+    dups boolean[] := array_fill(false, ARRAY[n]);
+    senders_out text[] := in_senders;
+    recipients_out text[] := in_recipients;
+    bodies_out text[] := in_bodies;
+    tss_out bigint[] := in_tss;
+    stored boolean[] := array_fill(false, ARRAY[n]);
+    k int;
+    p int;
+    ref_key text;
+    earlier_id bigint;
+    earlier_ts bigint;
     original record;
-    new_id bigint;
-    rank bigint;
 BEGIN
     -- Lock every conversation this batch appends to, always in key order, so batches of
-    -- different nodes wait for each other instead of deadlocking.
-    SELECT array_agg(DISTINCT c ORDER BY c) INTO appended
-      FROM unnest(in_conversations, in_kinds) AS x(c, k) WHERE k = 'a';
-    IF appended IS NOT NULL THEN
+    -- different nodes wait for each other instead of deadlocking; read each counter once.
+    SELECT array_agg(DISTINCT c ORDER BY c) INTO keys
+      FROM unnest(in_conversations, in_kinds) AS x(c, kind) WHERE kind = 'a';
+    IF keys IS NOT NULL THEN
         INSERT INTO conversations (key, last_id)
-            SELECT c, 0 FROM unnest(appended) AS c ORDER BY c
+            SELECT c, 0 FROM unnest(keys) AS c ORDER BY c
             ON CONFLICT (key) DO NOTHING;
-        PERFORM 1 FROM conversations WHERE key = ANY (appended) ORDER BY key FOR UPDATE;
+        SELECT array_agg(c.last_id ORDER BY c.key) INTO first_lasts
+          FROM (SELECT key, last_id FROM conversations WHERE key = ANY (keys)
+                ORDER BY key FOR UPDATE) c;
+        lasts := first_lasts;
     END IF;
+
+    -- Earlier copies of this batch's refs, in one lookup.
+    SELECT array_agg(r.ord::int), array_agg(f.id), array_agg(f.ts)
+      INTO found_at, found_ids, found_ts
+      FROM unnest(in_conversations, in_senders, in_refs, in_kinds)
+             WITH ORDINALITY AS r(c, s, ref, kind, ord)
+      JOIN refs f ON f.conversation = r.c AND f.sender = r.s AND f.ref = r.ref
+     WHERE r.kind = 'a' AND r.ref IS NOT NULL;
 
     FOR i IN 1 .. n LOOP
         IF in_kinds[i] = 'r' THEN
             INSERT INTO reads AS r (reader, conversation, id)
                 VALUES (in_senders[i], in_conversations[i], in_tss[i])
                 ON CONFLICT (reader, conversation) DO UPDATE SET id = greatest(r.id, excluded.id)
-                RETURNING r.id INTO new_id;
-            out_id := new_id; out_duplicate := false;
-            out_sender := NULL; out_recipient := NULL; out_body := NULL; out_ts := NULL;
-            RETURN NEXT;
+                RETURNING r.id INTO earlier_id;
+            ids[i] := earlier_id;
             CONTINUE;
         END IF;
 
+        earlier_id := NULL;
         IF in_refs[i] IS NOT NULL THEN
-            SELECT f.id, f.ts INTO earlier FROM refs f
-                WHERE f.conversation = in_conversations[i] AND f.sender = in_senders[i]
-                  AND f.ref = in_refs[i];
-            IF FOUND AND earlier.ts + in_window > in_tss[i] THEN
-                SELECT m.sender, m.recipient, m.body, m.ts INTO original FROM messages m
-                    WHERE m.conversation = in_conversations[i] AND m.id = earlier.id;
-                out_id := earlier.id; out_duplicate := true;
-                IF FOUND THEN
-                    out_sender := original.sender; out_recipient := original.recipient;
-                    out_body := original.body; out_ts := original.ts;
-                ELSE
-                    -- Retention dropped the original; the retry carries the same content.
-                    out_sender := in_senders[i]; out_recipient := in_recipients[i];
-                    out_body := in_bodies[i]; out_ts := earlier.ts;
+            ref_key := in_conversations[i] || chr(31) || in_senders[i] || chr(31) || in_refs[i];
+            p := array_position(batch_refs, ref_key);
+            IF p IS NOT NULL THEN
+                earlier_id := batch_ref_ids[p]; earlier_ts := batch_ref_ts[p];
+            ELSE
+                p := array_position(found_at, i);
+                IF p IS NOT NULL THEN
+                    earlier_id := found_ids[p]; earlier_ts := found_ts[p];
                 END IF;
-                RETURN NEXT;
-                CONTINUE;
+            END IF;
+            IF earlier_id IS NOT NULL AND earlier_ts + in_window <= in_tss[i] THEN
+                earlier_id := NULL;
             END IF;
         END IF;
 
-        UPDATE conversations SET last_id = last_id + 1 WHERE key = in_conversations[i]
-            RETURNING last_id INTO new_id;
-        INSERT INTO messages (conversation, id, sender, recipient, body, ts)
-            VALUES (in_conversations[i], new_id, in_senders[i], in_recipients[i], in_bodies[i], in_tss[i]);
+        IF earlier_id IS NOT NULL THEN
+            ids[i] := earlier_id; dups[i] := true; tss_out[i] := earlier_ts;
+            IF array_position(batch_ref_ids, earlier_id) IS NULL THEN
+                SELECT m.sender, m.recipient, m.body, m.ts INTO original FROM messages m
+                    WHERE m.conversation = in_conversations[i] AND m.id = earlier_id;
+                -- Retention may have dropped the original; the retry carries the same content.
+                IF FOUND THEN
+                    senders_out[i] := original.sender; recipients_out[i] := original.recipient;
+                    bodies_out[i] := original.body; tss_out[i] := original.ts;
+                END IF;
+            END IF;
+            CONTINUE;
+        END IF;
+
+        k := array_position(keys, in_conversations[i]);
+        lasts[k] := lasts[k] + 1;
+        ids[i] := lasts[k];
+        stored[i] := true;
         IF in_refs[i] IS NOT NULL THEN
-            INSERT INTO refs AS f (conversation, sender, ref, id, ts)
-                VALUES (in_conversations[i], in_senders[i], in_refs[i], new_id, in_tss[i])
-                ON CONFLICT (conversation, sender, ref)
-                DO UPDATE SET id = excluded.id, ts = excluded.ts;
+            batch_refs := batch_refs || ref_key;
+            batch_ref_ids := batch_ref_ids || ids[i];
+            batch_ref_ts := batch_ref_ts || in_tss[i];
         END IF;
-        IF in_directs[i] THEN
-            rank := nextval('recency');
-            INSERT INTO partners AS p (owner, partner, conversation, recency)
-                VALUES (in_senders[i], in_recipients[i], in_conversations[i], rank),
-                       (in_recipients[i], in_senders[i], in_conversations[i], rank)
-                ON CONFLICT (owner, partner) DO UPDATE SET recency = excluded.recency;
-        END IF;
-        out_id := new_id; out_duplicate := false;
-        out_sender := in_senders[i]; out_recipient := in_recipients[i];
-        out_body := in_bodies[i]; out_ts := in_tss[i];
-        RETURN NEXT;
     END LOOP;
 
-    IF appended IS NOT NULL THEN
-        DELETE FROM messages m USING conversations c
-            WHERE c.key = ANY (appended) AND m.conversation = c.key
-              AND m.id <= c.last_id - in_retention;
+    IF keys IS NOT NULL THEN
+        INSERT INTO messages (conversation, id, sender, recipient, body, ts)
+            SELECT c, id, s, rcpt, b, t
+              FROM unnest(in_conversations, ids, in_senders, in_recipients, in_bodies, in_tss,
+                          stored) AS x(c, id, s, rcpt, b, t, keep)
+             WHERE keep;
+        -- The newest of each ref: with no window a batch may store one ref twice.
+        INSERT INTO refs AS f (conversation, sender, ref, id, ts)
+            SELECT DISTINCT ON (c, s, ref) c, s, ref, id, t
+              FROM unnest(in_conversations, in_senders, in_refs, ids, in_tss, stored)
+                   AS x(c, s, ref, id, t, keep)
+             WHERE keep AND ref IS NOT NULL
+             ORDER BY c, s, ref, id DESC
+            ON CONFLICT (conversation, sender, ref) DO UPDATE SET id = excluded.id, ts = excluded.ts;
+        -- Both sides of each direct conversation, once each, at its newest message.
+        INSERT INTO partners AS p (owner, partner, conversation, recency)
+            SELECT DISTINCT ON (owner, partner) owner, partner, c, rank
+              FROM (SELECT s AS owner, rcpt AS partner, c, nextval('recency') AS rank
+                      FROM unnest(in_senders, in_recipients, in_conversations, in_directs, stored)
+                           WITH ORDINALITY AS x(s, rcpt, c, direct, keep, ord)
+                     WHERE keep AND direct
+                    UNION ALL
+                    SELECT rcpt, s, c, nextval('recency')
+                      FROM unnest(in_senders, in_recipients, in_conversations, in_directs, stored)
+                           AS x(s, rcpt, c, direct, keep)
+                     WHERE keep AND direct) sides
+             ORDER BY owner, partner, rank DESC
+            ON CONFLICT (owner, partner) DO UPDATE SET recency = excluded.recency;
+        UPDATE conversations c SET last_id = x.last_id
+          FROM unnest(keys, lasts) AS x(key, last_id)
+         WHERE c.key = x.key AND x.last_id > c.last_id;
+        -- Retention: exactly the ids that fell out with this batch, a bounded range, so the
+        -- delete never walks the dead rows of earlier deletes.
+        DELETE FROM messages m
+         USING unnest(keys, first_lasts, lasts) AS x(key, before_batch, after_batch)
+         WHERE m.conversation = x.key
+           AND m.id > x.before_batch - in_retention
+           AND m.id <= x.after_batch - in_retention;
     END IF;
+
+    RETURN QUERY
+        SELECT x.id, x.dup, x.s, x.rcpt, x.b, x.t
+          FROM unnest(ids, dups, senders_out, recipients_out, bodies_out, tss_out)
+               WITH ORDINALITY AS x(id, dup, s, rcpt, b, t, ord)
+         ORDER BY x.ord;
 END;
 $$;

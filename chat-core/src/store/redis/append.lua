@@ -8,7 +8,8 @@
 local counter, stream, refkey = KEYS[1], KEYS[2], KEYS[3]
 local from, to, body, ts = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local window, retention = tonumber(ARGV[5]), ARGV[6]
-local has_ref, direct = ARGV[7] == '1', ARGV[8] == '1'
+-- No window: no ref is remembered, and nothing is a retry.
+local has_ref, direct = ARGV[7] == '1' and window > 0, ARGV[8] == '1'
 
 if has_ref then
   local earlier = redis.call('GET', refkey)

@@ -185,9 +185,10 @@ impl HistoryStore for RedisHistoryStore {
     ) -> Result<Appended, StoreError> {
         let key = self.conversation_key(conversation);
         let reference = message.reference.unwrap_or("");
+        // Zero turns de-duplication off; the cap keeps `PX` within what Redis accepts.
         let window = u64::try_from(self.config.dedup_window.as_millis())
             .unwrap_or(u64::MAX)
-            .max(1);
+            .min(1 << 52);
         let mut invocation = self.scripts.append.prepare_invoke();
         invocation
             .key(format!("{key}:n"))
