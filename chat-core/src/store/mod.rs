@@ -11,8 +11,11 @@
 //! conversations with unread counts) is derived.
 //!
 //! Backends: [`InMemoryHistoryStore`] for one process (or several nodes of a test inside one
-//! process), and `RedisHistoryStore` for many (cargo feature `redis`). Every backend is expected
-//! to pass the conformance suite in `chat_core::store::conformance` (cargo feature `testing`).
+//! process) and nothing to keep; `SqliteHistoryStore` (cargo feature `sqlite`), durable, for one
+//! process; `PostgresHistoryStore` (feature `postgres`), durable, shared by many nodes; and
+//! `RedisHistoryStore` (feature `redis`), shared, in Redis memory. Every backend passes the
+//! conformance suite in `chat_core::store::conformance` (cargo feature `testing`), and the
+//! durable ones its `survives_being_opened_again` check too.
 
 mod memory;
 #[cfg(feature = "postgres")]
