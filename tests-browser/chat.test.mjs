@@ -12,10 +12,13 @@ import { createServer, connect as tcpConnect } from 'node:net';
 import { copyFileSync, mkdirSync } from 'node:fs';
 import { createHmac } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
+import { resolve } from 'node:path';
 import { chromium } from 'playwright-core';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
-const SERVER = `${ROOT}target/debug/examples/chat-server`;
+// Where `cargo build --example chat-server` put it (CARGO_TARGET_DIR moves the target directory).
+const TARGET = process.env.CARGO_TARGET_DIR ? resolve(ROOT, process.env.CARGO_TARGET_DIR) : `${ROOT}target`;
+const SERVER = `${TARGET}/debug/examples/chat-server`;
 const ARTIFACTS = `${ROOT}artifacts`;
 const TIMEOUT = 10_000;
 
