@@ -119,3 +119,55 @@ async fn a_second_process_on_the_same_file_is_a_clear_error() {
     assert!(error.contains("in use by another process"), "{error}");
     drop(first);
 }
+
+/// Fills a store's file with a few thousand messages and closes it: the store's writer has
+/// finished (its lock is free) and every page is in the main file (the WAL is empty).
+async fn a_closed_store_with_history(path: &std::path::Path) {
+    let store = SqliteHistoryStore::open(path, StoreConfig::default())
+        .await
+        .unwrap();
+    let room = chat_core::store::Conversation::room("lobby");
+    let body = "a message long enough to fill pages quickly ".repeat(4);
+    for i in 0..3_000u64 {
+        let message = chat_core::store::NewMessage {
+            from: "alice",
+            to: None,
+            body: &body,
+            ts: 1_000 + i,
+            reference: None,
+        };
+        store.append(&room, message).await.unwrap();
+    }
+    drop(store);
+    let mut lock = path.as_os_str().to_owned();
+    lock.push("-lock");
+    std::fs::File::open(lock).unwrap().lock().unwrap();
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_damaged_store_file_is_a_clear_error_at_open() {
+    let path = fresh_path();
+    a_closed_store_with_history(&path).await;
+    // Reopening the intact file works, and reading it is what damage would break.
+    let intact = SqliteHistoryStore::open(&path, StoreConfig::default())
+        .await
+        .unwrap();
+    drop(intact);
+    let mut lock = path.as_os_str().to_owned();
+    lock.push("-lock");
+    std::fs::File::open(lock).unwrap().lock().unwrap();
+
+    // Scribble over the middle fifth of the file, as a bad disk or a stray write would.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (from, to) = (bytes.len() * 2 / 5, bytes.len() * 3 / 5);
+    bytes[from..to].fill(0x5A);
+    std::fs::write(&path, &bytes).unwrap();
+
+    let error = open_error(&path).await;
+    assert!(error.contains("is damaged"), "{error}");
+    assert!(error.contains("backup"), "no advice on what to do: {error}");
+}
