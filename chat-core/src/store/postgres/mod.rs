@@ -26,6 +26,12 @@
 //! one, and the writer yields briefly after answering a batch so that the senders it woke can
 //! queue their next appends into the next one.
 //!
+//! # Retention
+//!
+//! Exact at read time. What falls out by count is deleted by the batch that pushed it out; every
+//! ten seconds a task of its own deletes expired refs and messages past the age limit, chunk by
+//! chunk until none are left, skipping rows a batch holds so that it never waits for one.
+//!
 //! # Schema and connections
 //!
 //! Tables live in a schema of their own (`chat` by default), created and migrated at start,
@@ -220,6 +226,12 @@ impl PostgresHistoryStore {
             config.clone(),
             queue,
         ));
+        tokio::spawn(maintenance_loop(
+            pool.clone(),
+            schema.to_owned(),
+            config.clone(),
+            writes.downgrade(),
+        ));
         Ok(Self {
             shared: Arc::new(Shared {
                 pool,
@@ -401,7 +413,6 @@ async fn write_loop(
     );
     let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
     let retention = signed(config.retention as u64);
-    let mut maintained = tokio::time::Instant::now();
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -442,13 +453,35 @@ async fn write_loop(
                 tokio::task::yield_now().await;
             }
         }
-        if maintained.elapsed() >= MAINTENANCE_EVERY {
-            if let Err(error) = maintain(&pool, &schema, &config).await {
-                tracing::warn!(%error, "postgres maintenance failed");
-            }
-            maintained = tokio::time::Instant::now();
+    }
+}
+
+/// Every [`MAINTENANCE_EVERY`] until the store is dropped, forgets expired refs and messages past
+/// the maximum age, on a connection of its own beside the writer's, never holding it up.
+async fn maintenance_loop(
+    pool: Pool,
+    schema: String,
+    config: StoreConfig,
+    store: mpsc::WeakSender<Write>,
+) {
+    loop {
+        tokio::time::sleep(MAINTENANCE_EVERY).await;
+        if store.upgrade().is_none() {
+            return;
+        }
+        if let Err(error) = catch_up(&pool, &schema, &config).await {
+            tracing::warn!(%error, "postgres maintenance failed");
         }
     }
+}
+
+/// Deletes what is due, a chunk per statement until nothing is left: however fast appends come,
+/// deletion keeps pace.
+async fn catch_up(pool: &Pool, schema: &str, config: &StoreConfig) -> Result<(), StoreError> {
+    while maintain(pool, schema, config).await? >= MAINTENANCE_CHUNK as u64 {
+        tokio::task::yield_now().await;
+    }
+    Ok(())
 }
 
 async fn run_batch(
@@ -502,34 +535,39 @@ async fn run_batch(
 
 /// Forgets refs whose window has ended and messages older than the maximum age, a chunk at a
 /// time.
-async fn maintain(pool: &Pool, schema: &str, config: &StoreConfig) -> Result<(), StoreError> {
+///
+/// Rows a writer holds are skipped (`SKIP LOCKED`), so this never waits for a batch, and a batch
+/// waits at most for one chunk's delete: the two cannot deadlock. Says how many rows the larger
+/// of the two deletes took.
+async fn maintain(pool: &Pool, schema: &str, config: &StoreConfig) -> Result<u64, StoreError> {
     let client = pool.get().await.map_err(unavailable)?;
     let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
     let cutoff = signed(super::now_ms()).saturating_sub(window);
-    client
+    let refs = client
         .execute(
             &format!(
                 "DELETE FROM {schema}.refs WHERE ctid IN \
-                 (SELECT ctid FROM {schema}.refs WHERE ts < $1 LIMIT $2)"
+                 (SELECT ctid FROM {schema}.refs WHERE ts < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)"
             ),
             &[&cutoff, &MAINTENANCE_CHUNK],
         )
         .await
         .map_err(database)?;
-    if config.max_age.is_some() {
-        let oldest = signed(config.oldest_kept_ts());
-        client
+    let messages = match config.max_age {
+        Some(_) => client
             .execute(
                 &format!(
                     "DELETE FROM {schema}.messages WHERE ctid IN \
-                     (SELECT ctid FROM {schema}.messages WHERE ts < $1 LIMIT $2)"
+                     (SELECT ctid FROM {schema}.messages WHERE ts < $1 LIMIT $2 \
+                      FOR UPDATE SKIP LOCKED)"
                 ),
-                &[&oldest, &MAINTENANCE_CHUNK],
+                &[&signed(config.oldest_kept_ts()), &MAINTENANCE_CHUNK],
             )
             .await
-            .map_err(database)?;
-    }
-    Ok(())
+            .map_err(database)?,
+        None => 0,
+    };
+    Ok(refs.max(messages))
 }
 
 #[async_trait]
@@ -661,5 +699,83 @@ impl HistoryStore for PostgresHistoryStore {
 
     async fn epoch(&self) -> Result<String, StoreError> {
         Ok(self.shared.epoch.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    async fn count(client: &deadpool_postgres::Object, schema: &str, table: &str) -> i64 {
+        client
+            .query_one(&format!("SELECT count(*) FROM {schema}.{table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// One maintenance round deletes everything due, whatever piled up, a bounded chunk per
+    /// statement; one chunk every ten seconds could not keep pace with a thousand appends a
+    /// second.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn maintenance_catches_up_in_one_round() {
+        let url = std::env::var("CHAT_TEST_DATABASE_URL")
+            .expect("CHAT_TEST_DATABASE_URL is not set: run ./scripts/test.sh");
+        let schema = format!("maintenance_{}", std::process::id());
+        let config = StoreConfig {
+            max_age: Some(Duration::from_secs(3_600)),
+            ..StoreConfig::default()
+        };
+        let store = PostgresHistoryStore::connect(&url, &schema, config.clone())
+            .await
+            .unwrap();
+        let client = store.client().await.unwrap();
+        let old = signed(super::super::now_ms()) - 7_200_000;
+        let piled = 3 * MAINTENANCE_CHUNK;
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {schema}.refs (conversation, sender, ref, id, ts) \
+                     SELECT 'r:lobby', 'alice', 'r' || i, i, $2 FROM generate_series(1, $1::bigint) i"
+                ),
+                &[&piled, &old],
+            )
+            .await
+            .unwrap();
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {schema}.messages (conversation, id, sender, body, ts) \
+                     SELECT 'r:old', i, 'alice', 'old', $2 FROM generate_series(1, $1::bigint) i"
+                ),
+                &[&piled, &old],
+            )
+            .await
+            .unwrap();
+        store
+            .append(
+                &Conversation::room("lobby"),
+                NewMessage {
+                    from: "alice",
+                    to: None,
+                    body: "new",
+                    ts: super::super::now_ms(),
+                    reference: Some("kept"),
+                },
+            )
+            .await
+            .unwrap();
+
+        catch_up(&store.shared.pool, &schema, &config)
+            .await
+            .unwrap();
+        assert_eq!(count(&client, &schema, "refs").await, 1, "refs left behind");
+        assert_eq!(
+            count(&client, &schema, "messages").await,
+            1,
+            "messages left behind"
+        );
     }
 }

@@ -25,8 +25,10 @@
 //!
 //! A few read-only connections, each used by one blocking task at a time; WAL lets them read
 //! while the writer writes. A page and the conversation's newest id are read in one snapshot.
-//! Retention (by count and by age) is exact at read time; the writer trims what falls out in the
-//! same transaction as the append, and forgets old refs and old messages every ten seconds.
+//! Retention (by count and by age) is exact at read time; the writer trims what falls out by
+//! count in the same transaction as the append, and every ten seconds forgets expired refs and
+//! messages past the age limit, a small chunk after each batch until it has caught up, so
+//! deletion keeps pace with any rate of appends without holding writes up.
 //!
 //! # Files
 //!
@@ -60,7 +62,8 @@ const QUEUE: usize = 10_000;
 const READERS: usize = 4;
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
 /// Most old rows one maintenance round deletes per table, so it never holds the writer long.
-const MAINTENANCE_CHUNK: i64 = 10_000;
+/// Rows one maintenance step deletes at most: a few milliseconds of the writer's time.
+const MAINTENANCE_CHUNK: i64 = 2_000;
 /// Most refs kept in memory; past it the oldest are forgotten before their window ends (only
 /// reached above several thousand messages a second for the whole ten-minute window).
 const REF_CAPACITY: usize = 2_000_000;
@@ -394,7 +397,7 @@ fn write_loop(
     config: StoreConfig,
     mut refs: Refs,
 ) {
-    let mut maintained = Instant::now();
+    let mut maintenance = Maintenance::new();
     while let Some(first) = writes.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -404,12 +407,40 @@ fn write_loop(
             }
         }
         commit(&mut conn, batch, &config, &mut refs);
-        if maintained.elapsed() >= MAINTENANCE_EVERY {
+        maintenance.after_batch(&conn, &config, &mut refs);
+    }
+}
+
+/// When the writer forgets expired refs and messages past the maximum age: every
+/// [`MAINTENANCE_EVERY`], one chunk after each batch until it has caught up. Writes go on between
+/// chunks, and however fast they come, deletion keeps pace (a chunk per batch).
+struct Maintenance {
+    due: Instant,
+    behind: bool,
+}
+
+impl Maintenance {
+    fn new() -> Self {
+        Self {
+            due: Instant::now() + MAINTENANCE_EVERY,
+            behind: false,
+        }
+    }
+
+    fn after_batch(&mut self, conn: &Connection, config: &StoreConfig, refs: &mut Refs) {
+        if !self.behind && Instant::now() >= self.due {
             refs.forget_old();
-            if let Err(error) = maintain(&conn, &config, refs.window) {
-                tracing::warn!(%error, "sqlite maintenance failed");
+            self.behind = true;
+            self.due = Instant::now() + MAINTENANCE_EVERY;
+        }
+        if self.behind {
+            match maintain(conn, config, refs.window) {
+                Ok(deleted) => self.behind = deleted >= MAINTENANCE_CHUNK as usize,
+                Err(error) => {
+                    tracing::warn!(%error, "sqlite maintenance failed");
+                    self.behind = false;
+                }
             }
-            maintained = Instant::now();
         }
     }
 }
@@ -625,23 +656,24 @@ fn mark_read(tx: &Connection, reader: &str, conversation: &str, id: i64) -> rusq
     Ok(unsigned(position))
 }
 
-/// Forgets refs whose window has ended and messages older than the maximum age, a chunk at a
-/// time so the writer is never held long.
-fn maintain(conn: &Connection, config: &StoreConfig, window: i64) -> rusqlite::Result<()> {
+/// Forgets refs whose window has ended and messages older than the maximum age, one chunk of
+/// each, so the writer is never held long; says how many rows the larger of the two deleted.
+fn maintain(conn: &Connection, config: &StoreConfig, window: i64) -> rusqlite::Result<usize> {
     // The log is in time order: look only at its front.
-    conn.execute(
+    let refs = conn.execute(
         "DELETE FROM ref_log WHERE seq IN (SELECT seq FROM ref_log ORDER BY seq LIMIT ?2) \
          AND ts < ?1",
         params![signed(now_ms()).saturating_sub(window), MAINTENANCE_CHUNK],
     )?;
-    if config.max_age.is_some() {
-        conn.execute(
+    let messages = match config.max_age {
+        Some(_) => conn.execute(
             "DELETE FROM messages WHERE (conversation, id) IN \
              (SELECT conversation, id FROM messages WHERE ts < ?1 LIMIT ?2)",
             params![signed(config.oldest_kept_ts()), MAINTENANCE_CHUNK],
-        )?;
-    }
-    Ok(())
+        )?,
+        None => 0,
+    };
+    Ok(refs.max(messages))
 }
 
 fn stored(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
@@ -937,5 +969,82 @@ impl HistoryStore for SqliteHistoryStore {
 
     async fn epoch(&self) -> Result<String, StoreError> {
         Ok(self.shared.epoch.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn count(conn: &Connection, table: &str) -> i64 {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |row| {
+            row.get(0)
+        })
+        .unwrap()
+    }
+
+    /// Whatever piled up, maintenance catches up within the round it is due, a bounded chunk
+    /// per batch; one chunk every ten seconds could not keep pace with a thousand appends a
+    /// second.
+    #[test]
+    fn maintenance_catches_up_a_chunk_per_batch() {
+        let dir = std::env::temp_dir().join(format!("chat-sqlite-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("maintenance.db");
+        let _ = std::fs::remove_file(&path);
+        let (conn, _) = open_writer(&path).unwrap();
+        let config = StoreConfig {
+            max_age: Some(Duration::from_secs(3_600)),
+            ..StoreConfig::default()
+        };
+        let old = signed(now_ms()) - 7_200_000;
+        let piled = 5 * MAINTENANCE_CHUNK;
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+             INSERT INTO ref_log (conversation, sender, ref, id, ts) \
+             SELECT 'r:lobby', 'alice', 'r' || i, i, ?2 FROM n",
+            params![piled, old],
+        )
+        .unwrap();
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+             INSERT INTO messages (conversation, id, sender, recipient, body, ts) \
+             SELECT 'r:lobby', i, 'alice', NULL, 'old', ?2 FROM n",
+            params![piled, old],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO messages (conversation, id, sender, recipient, body, ts) \
+             VALUES ('r:lobby', ?1, 'alice', NULL, 'new', ?2)",
+            params![piled + 1, signed(now_ms())],
+        )
+        .unwrap();
+        let mut refs = Refs::load(&conn, 600_000).unwrap();
+
+        let mut maintenance = Maintenance::new();
+        maintenance.after_batch(&conn, &config, &mut refs);
+        assert_eq!(
+            count(&conn, "ref_log"),
+            piled,
+            "maintenance ran before it was due"
+        );
+        maintenance.due = Instant::now();
+        let mut batches = 0;
+        while count(&conn, "ref_log") > 0 || count(&conn, "messages") > 1 {
+            let before = count(&conn, "messages");
+            maintenance.after_batch(&conn, &config, &mut refs);
+            assert!(before - count(&conn, "messages") <= MAINTENANCE_CHUNK);
+            batches += 1;
+            assert!(batches <= 6, "maintenance stopped before catching up");
+        }
+        assert_eq!(
+            count(&conn, "messages"),
+            1,
+            "a message within the age was deleted"
+        );
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
