@@ -69,6 +69,10 @@ async fn unwritable_file_check() {
     let path = PathBuf::from(std::env::var("CHAT_UNWRITABLE_DB").unwrap());
     let error = open_error(&path).await;
     assert!(error.contains("cannot write"), "{error}");
+    assert!(
+        !error.contains("lock file"),
+        "refused for its lock file: {error}"
+    );
 }
 
 #[tokio::test]
@@ -80,14 +84,23 @@ async fn an_unwritable_file_is_a_clear_error_at_open() {
             .await
             .unwrap(),
     );
-    // Let the writer thread close the file, and checkpoint its WAL into it.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The writer thread holds the lock until it has closed the file.
+    let mut lock = path.as_os_str().to_owned();
+    lock.push("-lock");
+    let lock = PathBuf::from(lock);
+    std::fs::File::open(&lock).unwrap().lock().unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+    // Only the database is unwritable: the check is about it, not its lock file.
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o666)).unwrap();
     let privileged = std::fs::OpenOptions::new().append(true).open(&path).is_ok();
     if !privileged {
         std::env::set_var("CHAT_UNWRITABLE_DB", &path);
         let error = open_error(&path).await;
         assert!(error.contains("cannot write"), "{error}");
+        assert!(
+            !error.contains("lock file"),
+            "refused for its lock file: {error}"
+        );
         return;
     }
     // Permissions do not bind this (root) user: run the check as `nobody`, whom they bind.

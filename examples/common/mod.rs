@@ -11,7 +11,8 @@ use chat_core::auth::{Authenticator, DevAuthenticator, JwtAuthenticator};
 use chat_core::layer::{ChannelLayer, LayerConfig, RedisChannelLayer};
 use chat_core::registry::{RedisRegistry, Registry};
 use chat_core::store::{
-    HistoryStore, PostgresHistoryStore, RedisHistoryStore, SqliteHistoryStore, StoreConfig,
+    HistoryStore, InMemoryHistoryStore, PostgresHistoryStore, RedisHistoryStore,
+    SqliteHistoryStore, StoreConfig,
 };
 use chat_core::{Chat, ChatConfig};
 use clap::{Parser, ValueEnum};
@@ -64,7 +65,7 @@ pub(crate) struct Cli {
     /// The PostgreSQL schema the store keeps its tables in.
     #[arg(long, env = "CHAT_STORE_SCHEMA", default_value = "chat")]
     pub(crate) store_schema: String,
-    /// Messages kept per conversation.
+    /// Messages kept per conversation (0: no limit by count; not with `--store memory`).
     #[arg(long, env = "CHAT_RETENTION", default_value_t = StoreConfig::default().retention)]
     pub(crate) retention: usize,
     /// Hours a message is kept (0: no limit by age).
@@ -139,7 +140,10 @@ impl Cli {
             LayerMode::Memory => "sqlite://chat.db",
         };
         let store_config = StoreConfig {
-            retention: self.retention.max(1),
+            retention: match self.retention {
+                0 => usize::MAX,
+                count => count,
+            },
             max_age: (self.retention_hours > 0)
                 .then(|| Duration::from_secs(self.retention_hours.saturating_mul(3_600))),
             ..StoreConfig::default()
@@ -153,7 +157,13 @@ impl Cli {
                 if self.layer == LayerMode::Redis {
                     tracing::warn!("--store memory with --layer redis: each node hands out its own ids; use it with one node only");
                 }
-                None
+                if self.retention == 0 {
+                    return Err(
+                        "--store memory keeps history in memory: it needs a --retention above 0"
+                            .into(),
+                    );
+                }
+                Some(Arc::new(InMemoryHistoryStore::with_config(store_config)))
             }
             "redis" => {
                 let store = RedisHistoryStore::connect(redis, prefix, store_config)

@@ -148,12 +148,13 @@ pub struct InboxEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
     /// Messages kept per conversation; older ones fall out of history (ids are never reused).
-    /// Default 10,000.
+    /// Default 10,000; `usize::MAX` for no limit by count (then an in-memory store grows with
+    /// its history). At least 1.
     pub retention: usize,
     /// Messages older than this (by their `ts`) fall out of history too. Default: none.
     pub max_age: Option<Duration>,
     /// How long a `(conversation, user, ref)` is remembered for de-duplication, measured on the
-    /// messages' `ts`. Default 10 minutes, the protocol's window.
+    /// messages' `ts`. Default 10 minutes, the protocol's window; zero turns it off.
     pub dedup_window: Duration,
 }
 

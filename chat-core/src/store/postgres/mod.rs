@@ -19,8 +19,8 @@
 //! `write_batch` function (installed with the schema): one round trip, one transaction, one
 //! commit, with `fsync` as PostgreSQL is configured (on by default). No request of a batch is
 //! answered before that commit returns, so an `ack` names a durable message. The function locks
-//! the batch's conversations in key order first, so concurrent batches of different nodes wait
-//! for each other instead of deadlocking. A batch is atomic: if it fails, every request in it
+//! the batch's conversations in key order first, and writes read positions in key order too, so
+//! concurrent batches of different nodes wait for each other instead of deadlocking. A batch is atomic: if it fails, every request in it
 //! gets an error and nothing of it is stored. Inside, the function is set-based (each table is
 //! written by one statement per batch), so a batch of a hundred costs little more than a batch of
 //! one, and the writer yields briefly after answering a batch so that the senders it woke can
@@ -38,7 +38,10 @@
 //! idempotently, under an advisory lock so that nodes starting together migrate once. Reads and
 //! writes share a deadpool pool of connections that are checked before use, so a database that
 //! went away and came back costs only the requests that were in flight: the store recovers by
-//! itself.
+//! itself. A database that stops answering fails a request after five seconds (a client-side
+//! timeout that also drops the connection, and `statement_timeout` on the server) instead of
+//! hanging it. Sessions run with `synchronous_commit = on`, whatever the server's default, since
+//! an `ack` promises the commit is flushed.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -64,6 +67,12 @@ const YIELDS: usize = 4;
 const POOL_SIZE: usize = 16;
 /// How long taking a connection may take before the store reports itself unavailable.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a batch or a read may take: past it the request is answered `unavailable` and its
+/// connection dropped (the server also cancels it: `statement_timeout`). A stalled or silently
+/// cut connection fails requests in seconds, not at the kernel's TCP timeout.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest dedup window the SQL arithmetic is given (about 140,000 years).
+const WINDOW_CAP: u64 = 1 << 52;
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
 const MAINTENANCE_CHUNK: i64 = 10_000;
 /// An arbitrary constant: the advisory lock that serializes migrations.
@@ -199,6 +208,14 @@ impl PostgresHistoryStore {
         let mut pg = tokio_postgres::Config::from_str(url)
             .map_err(|error| StoreError(format!("invalid PostgreSQL URL: {error}")))?;
         pg.connect_timeout(CONNECTION_TIMEOUT);
+        pg.keepalives_idle(Duration::from_secs(10));
+        // Durable before ack whatever the server's default, and never waiting forever.
+        let options = format!(
+            "{} -c synchronous_commit=on -c statement_timeout={}",
+            pg.get_options().unwrap_or(""),
+            QUERY_TIMEOUT.as_millis()
+        );
+        pg.options(options.trim());
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -302,28 +319,34 @@ impl PostgresHistoryStore {
                 before.map_or(i64::MAX, signed),
             ),
         };
-        let statement = client.prepare_cached(&sql).await.map_err(database)?;
-        let rows = client
-            .query(
-                &statement,
-                &[&conversation, &bound, &retention, &oldest_ts, &fetch],
-            )
-            .await
-            .map_err(database)?;
-        let last_id: i64 = rows.first().map_or(0, |row| row.get(0));
-        let mut messages = Vec::new();
-        for row in &rows {
-            let Some(id) = row.get::<_, Option<i64>>(1) else {
-                continue;
+        let (last_id, mut messages) = read(client, async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            let rows = client
+                .query(
+                    &statement,
+                    &[&conversation, &bound, &retention, &oldest_ts, &fetch],
+                )
+                .await?;
+            let last_id: i64 = match rows.first() {
+                Some(row) => row.try_get(0)?,
+                None => 0,
             };
-            messages.push(StoredMessage {
-                id: unsigned(id),
-                from: row.get(2),
-                to: row.get(3),
-                body: row.get(4),
-                ts: unsigned(row.get(5)),
-            });
-        }
+            let mut messages = Vec::new();
+            for row in &rows {
+                let Some(id) = row.try_get::<_, Option<i64>>(1)? else {
+                    continue;
+                };
+                messages.push(StoredMessage {
+                    id: unsigned(id),
+                    from: row.try_get(2)?,
+                    to: row.try_get(3)?,
+                    body: row.try_get(4)?,
+                    ts: unsigned(row.try_get(5)?),
+                });
+            }
+            Ok((last_id, messages))
+        })
+        .await?;
         let more = messages.len() > limit;
         messages.truncate(limit);
         if after.is_none() {
@@ -346,6 +369,10 @@ async fn migrate(pool: &Pool, schema: &str) -> Result<String, StoreError> {
         ))
     })?;
     let tx = client.transaction().await.map_err(database)?;
+    // Waiting for another node's migration is not a stall.
+    tx.batch_execute("SET LOCAL statement_timeout = 0")
+        .await
+        .map_err(database)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(database)?;
@@ -365,7 +392,9 @@ async fn migrate(pool: &Pool, schema: &str) -> Result<String, StoreError> {
             )
             .await
             .map_err(database)?
-            .map(|row| row.get(0));
+            .map(|row| row.try_get(0))
+            .transpose()
+            .map_err(database)?;
         let version: i64 = version.and_then(|v| v.parse().ok()).unwrap_or(0);
         if version > SCHEMA_VERSION {
             return Err(StoreError(format!(
@@ -394,8 +423,8 @@ async fn migrate(pool: &Pool, schema: &str) -> Result<String, StoreError> {
             &[],
         )
         .await
-        .map_err(database)?
-        .get(0);
+        .and_then(|row| row.try_get(0))
+        .map_err(database)?;
     tx.commit().await.map_err(database)?;
     Ok(epoch)
 }
@@ -411,7 +440,11 @@ async fn write_loop(
         "SELECT out_id, out_duplicate, out_sender, out_recipient, out_body, out_ts \
          FROM {schema}.write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
     );
-    let window = signed(u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX));
+    let window = signed(
+        u64::try_from(config.dedup_window.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(WINDOW_CAP),
+    );
     let retention = signed(config.retention as u64);
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
@@ -500,37 +533,69 @@ async fn run_batch(
     let references: Vec<Option<&str>> = batch.iter().map(|w| w.reference.as_deref()).collect();
     let directs: Vec<bool> = batch.iter().map(|w| w.direct).collect();
     let client = pool.get().await.map_err(unavailable)?;
-    let statement = client.prepare_cached(sql).await.map_err(database)?;
-    // One statement outside any explicit transaction: it runs, and commits, as one.
-    let rows = client
-        .query(
-            &statement,
-            &[
-                &kinds,
-                &conversations,
-                &senders,
-                &recipients,
-                &bodies,
-                &values,
-                &references,
-                &directs,
-                &window,
-                &retention,
-            ],
-        )
-        .await
-        .map_err(database)?;
-    Ok(rows
-        .iter()
-        .map(|row| Row {
-            id: row.get(0),
-            duplicate: row.get(1),
-            sender: row.get(2),
-            recipient: row.get(3),
-            body: row.get(4),
-            ts: row.get(5),
+    let call = async {
+        let statement = client.prepare_cached(sql).await?;
+        // One statement outside any explicit transaction: it runs, and commits, as one.
+        client
+            .query(
+                &statement,
+                &[
+                    &kinds,
+                    &conversations,
+                    &senders,
+                    &recipients,
+                    &bodies,
+                    &values,
+                    &references,
+                    &directs,
+                    &window,
+                    &retention,
+                ],
+            )
+            .await
+    };
+    let rows = match tokio::time::timeout(QUERY_TIMEOUT, call).await {
+        Ok(rows) => rows.map_err(database)?,
+        Err(_) => {
+            // Whatever that connection is stuck in, it is not reused.
+            drop(deadpool_postgres::Object::take(client));
+            return Err(timed_out());
+        }
+    };
+    rows.iter()
+        .map(|row| {
+            Ok(Row {
+                id: row.try_get(0)?,
+                duplicate: row.try_get(1)?,
+                sender: row.try_get(2)?,
+                recipient: row.try_get(3)?,
+                body: row.try_get(4)?,
+                ts: row.try_get(5)?,
+            })
         })
-        .collect())
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(database)
+}
+
+fn timed_out() -> StoreError {
+    StoreError(format!(
+        "postgres: no answer within {} s",
+        QUERY_TIMEOUT.as_secs()
+    ))
+}
+
+/// Runs a read with [`QUERY_TIMEOUT`], dropping its connection if it stalls.
+async fn read<T>(
+    client: deadpool_postgres::Object,
+    query: impl AsyncFnOnce(&deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(QUERY_TIMEOUT, query(&client)).await {
+        Ok(result) => result.map_err(database),
+        Err(_) => {
+            drop(deadpool_postgres::Object::take(client));
+            Err(timed_out())
+        }
+    }
 }
 
 /// Forgets refs whose window has ended and messages older than the maximum age, a chunk at a
@@ -581,6 +646,11 @@ impl HistoryStore for PostgresHistoryStore {
         if let Some(reference) = message.reference {
             storable(reference)?;
         }
+        let direct = matches!(conversation, Conversation::Direct(..));
+        if direct && message.to.is_none() {
+            // It would fail the whole batch it landed in.
+            return Err(StoreError("a direct message needs a recipient".into()));
+        }
         let (reply, answer) = oneshot::channel();
         let write = Write {
             kind: "a",
@@ -590,7 +660,7 @@ impl HistoryStore for PostgresHistoryStore {
             body: Some(message.body.to_owned()),
             value: signed(message.ts),
             reference: message.reference.map(str::to_owned),
-            direct: matches!(conversation, Conversation::Direct(..)),
+            direct,
             reply,
         };
         let row = self.write(write, answer).await?;
@@ -650,8 +720,7 @@ impl HistoryStore for PostgresHistoryStore {
         let schema = &self.shared.schema;
         let config = &self.shared.config;
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&format!(
+        let sql = format!(
                 "SELECT p.partner, c.last_id, coalesce(r.id, 0), \
                    (SELECT count(*) FROM {schema}.messages m \
                      WHERE m.conversation = p.conversation AND m.id > coalesce(r.id, 0) \
@@ -660,41 +729,43 @@ impl HistoryStore for PostgresHistoryStore {
                  JOIN {schema}.conversations c ON c.key = p.conversation \
                  LEFT JOIN {schema}.reads r ON r.reader = p.owner AND r.conversation = p.conversation \
                  WHERE p.owner = $1 ORDER BY p.recency DESC"
-            ))
-            .await
-            .map_err(database)?;
+            );
         let retention = signed(config.retention as u64);
         let oldest_ts = signed(config.oldest_kept_ts());
-        let rows = client
-            .query(&statement, &[&user, &retention, &oldest_ts])
-            .await
-            .map_err(database)?;
-        Ok(rows
-            .iter()
-            .map(|row| InboxEntry {
-                with: row.get(0),
-                last_id: unsigned(row.get(1)),
-                read_id: unsigned(row.get(2)),
-                unread: unsigned(row.get(3)),
-            })
-            .collect())
+        read(client, async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            let rows = client
+                .query(&statement, &[&user, &retention, &oldest_ts])
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(InboxEntry {
+                        with: row.try_get(0)?,
+                        last_id: unsigned(row.try_get(1)?),
+                        read_id: unsigned(row.try_get(2)?),
+                        unread: unsigned(row.try_get(3)?),
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn direct_heads(&self, user: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let schema = &self.shared.schema;
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&format!(
-                "SELECT p.partner, c.last_id FROM {schema}.partners p \
-                 JOIN {schema}.conversations c ON c.key = p.conversation WHERE p.owner = $1"
-            ))
-            .await
-            .map_err(database)?;
-        let rows = client.query(&statement, &[&user]).await.map_err(database)?;
-        Ok(rows
-            .iter()
-            .map(|row| (row.get(0), unsigned(row.get(1))))
-            .collect())
+        let sql = format!(
+            "SELECT p.partner, c.last_id FROM {schema}.partners p \
+             JOIN {schema}.conversations c ON c.key = p.conversation WHERE p.owner = $1"
+        );
+        read(client, async |client| {
+            let statement = client.prepare_cached(&sql).await?;
+            let rows = client.query(&statement, &[&user]).await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get(0)?, unsigned(row.try_get(1)?))))
+                .collect()
+        })
+        .await
     }
 
     async fn epoch(&self) -> Result<String, StoreError> {
@@ -777,5 +848,243 @@ mod tests {
             1,
             "messages left behind"
         );
+    }
+
+    fn url() -> String {
+        std::env::var("CHAT_TEST_DATABASE_URL")
+            .expect("CHAT_TEST_DATABASE_URL is not set: run ./scripts/test.sh")
+    }
+
+    async fn fresh(name: &str, config: StoreConfig) -> (PostgresHistoryStore, String) {
+        let schema = format!("batch_{name}_{}", std::process::id());
+        let store = PostgresHistoryStore::connect(&url(), &schema, config)
+            .await
+            .unwrap();
+        (store, schema)
+    }
+
+    fn sql(schema: &str) -> String {
+        format!(
+            "SELECT out_id, out_duplicate, out_sender, out_recipient, out_body, out_ts \
+             FROM {schema}.write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        )
+    }
+
+    fn append(conversation: &Conversation, from: &str, body: &str, reference: &str) -> Write {
+        let to = match conversation {
+            Conversation::Room(_) => None,
+            Conversation::Direct(a, b) => Some(if a == from { b.clone() } else { a.clone() }),
+        };
+        Write {
+            kind: "a",
+            conversation: key(conversation),
+            sender: from.to_owned(),
+            recipient: to,
+            body: Some(body.to_owned()),
+            value: 1_000,
+            reference: Some(reference.to_owned()),
+            direct: matches!(conversation, Conversation::Direct(..)),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn read_position(reader: &str, conversation: &str, id: i64) -> Write {
+        Write {
+            kind: "r",
+            conversation: conversation.to_owned(),
+            sender: reader.to_owned(),
+            recipient: None,
+            body: None,
+            value: id,
+            reference: None,
+            direct: false,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    const WINDOW: i64 = 600_000;
+
+    /// An ack waits for the commit's flush whatever the server's default says.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_are_synchronous() {
+        let (store, _) = fresh("sync", StoreConfig::default()).await;
+        let client = store.client().await.unwrap();
+        let setting: String = client
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(setting, "on");
+    }
+
+    /// Two nodes moving the same read positions in opposite orders wait for each other; before
+    /// positions were written in key order, a fifth of such batches died as deadlocks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_positions_in_opposite_orders_never_deadlock() {
+        let (store, schema) = fresh("reads", StoreConfig::default()).await;
+        let pool = store.shared.pool.clone();
+        let forward: Vec<Write> = (0..300)
+            .map(|i| read_position(&format!("user{i}"), &format!("r:room{i}"), 1))
+            .collect();
+        let backward: Vec<Write> = (0..300)
+            .rev()
+            .map(|i| read_position(&format!("user{i}"), &format!("r:room{i}"), 2))
+            .collect();
+        let sql = sql(&schema);
+        for _ in 0..10 {
+            let (a, b) = tokio::join!(
+                run_batch(&pool, &sql, &forward, WINDOW, 10_000),
+                run_batch(&pool, &sql, &backward, WINDOW, 10_000)
+            );
+            a.unwrap();
+            b.unwrap();
+        }
+        // Each request is answered with its position after the batch: only ever forward.
+        let rows = run_batch(&pool, &sql, &forward, WINDOW, 10_000)
+            .await
+            .unwrap();
+        assert!(rows.iter().all(|row| row.id == 2));
+    }
+
+    /// Later in a batch is more recent in the inbox, on both sides of a direct conversation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_inbox_orders_by_batch_position() {
+        let (store, schema) = fresh("inbox", StoreConfig::default()).await;
+        let batch = [
+            append(
+                &Conversation::direct("carol", "alice"),
+                "carol",
+                "older",
+                "1",
+            ),
+            append(&Conversation::direct("alice", "bob"), "alice", "newer", "2"),
+        ];
+        run_batch(&store.shared.pool, &sql(&schema), &batch, WINDOW, 10_000)
+            .await
+            .unwrap();
+        let inbox: Vec<String> = store
+            .inbox("alice")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.with)
+            .collect();
+        assert_eq!(inbox, ["bob", "carol"]);
+    }
+
+    /// A retry gets the first copy back, whatever it says itself: from the table, even when
+    /// another conversation's new message in the batch has the same id, and from the batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_gets_the_first_copy_back() {
+        let (store, schema) = fresh("retry", StoreConfig::default()).await;
+        let (pool, sql) = (&store.shared.pool, sql(&schema));
+        let a = Conversation::room("a");
+        let b = Conversation::room("b");
+        run_batch(
+            pool,
+            &sql,
+            &[append(&a, "alice", "ORIGINAL", "x")],
+            WINDOW,
+            10_000,
+        )
+        .await
+        .unwrap();
+        let batch = [
+            append(&b, "bob", "first in b", "y"),
+            append(&a, "alice", "a different body", "x"),
+            append(&b, "bob", "first in b, again but changed", "y"),
+        ];
+        let rows = run_batch(pool, &sql, &batch, WINDOW, 10_000).await.unwrap();
+        assert_eq!((rows[0].id, rows[0].duplicate), (1, false));
+        assert_eq!((rows[1].id, rows[1].duplicate), (1, true));
+        assert_eq!(rows[1].body.as_deref(), Some("ORIGINAL"));
+        assert_eq!((rows[2].id, rows[2].duplicate), (1, true));
+        assert_eq!(rows[2].body.as_deref(), Some("first in b"));
+    }
+
+    /// Retention lowered since the last append (a restart with a smaller `--retention`, or
+    /// nodes configured apart) deletes everything now beyond it, not just the newest range.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lowered_retention_catches_up() {
+        let (store, schema) = fresh("retention", StoreConfig::default()).await;
+        let (pool, sql) = (&store.shared.pool, sql(&schema));
+        let room = Conversation::room("lobby");
+        for i in 0..20 {
+            let write = append(&room, "alice", "hi", &i.to_string());
+            run_batch(pool, &sql, &[write], WINDOW, 10).await.unwrap();
+        }
+        let client = store.client().await.unwrap();
+        assert_eq!(count(&client, &schema, "messages").await, 10);
+        run_batch(
+            pool,
+            &sql,
+            &[append(&room, "alice", "hi", "last")],
+            WINDOW,
+            3,
+        )
+        .await
+        .unwrap();
+        let ids: Vec<i64> = client
+            .query(
+                &format!("SELECT id FROM {schema}.messages ORDER BY id"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(ids, [19, 20, 21]);
+    }
+
+    /// A window as long as `Duration::MAX` works (it used to overflow in SQL and fail batches).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_endless_window_still_recognises_retries() {
+        let config = StoreConfig {
+            dedup_window: Duration::MAX,
+            ..StoreConfig::default()
+        };
+        let (store, _) = fresh("window", config).await;
+        let room = Conversation::room("lobby");
+        let send = || NewMessage {
+            from: "alice",
+            to: None,
+            body: "once",
+            ts: 1_000,
+            reference: Some("r"),
+        };
+        assert!(!store.append(&room, send()).await.unwrap().duplicate);
+        assert!(store.append(&room, send()).await.unwrap().duplicate);
+    }
+
+    /// A database that stops answering (here: a row held locked by another session) fails the
+    /// request in seconds instead of hanging it, and the store works again once it answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_database_fails_requests_instead_of_hanging_them() {
+        let (store, schema) = fresh("stall", StoreConfig::default()).await;
+        let room = Conversation::room("lobby");
+        let send = |reference: &'static str| NewMessage {
+            from: "alice",
+            to: None,
+            body: "hi",
+            ts: super::super::now_ms(),
+            reference: Some(reference),
+        };
+        store.append(&room, send("1")).await.unwrap();
+        let (mut blocker, connection) = tokio_postgres::connect(&url(), NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let hold = blocker.transaction().await.unwrap();
+        hold.execute(
+            &format!("SELECT * FROM {schema}.conversations WHERE key = 'r:lobby' FOR UPDATE"),
+            &[],
+        )
+        .await
+        .unwrap();
+        let stalled = tokio::time::timeout(Duration::from_secs(30), store.append(&room, send("2")))
+            .await
+            .expect("the append hung");
+        assert!(stalled.is_err(), "an append went through a locked counter");
+        hold.rollback().await.unwrap();
+        store.append(&room, send("3")).await.unwrap();
     }
 }

@@ -8,11 +8,14 @@ SET LOCAL search_path TO chat_schema;
 CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
 
 -- Each conversation's newest id: an append takes last_id + 1 while it holds the row locked until
--- its transaction commits, so a conversation's ids commit in id order on every node.
+-- its transaction commits, so a conversation's ids commit in id order on every node. Retention
+-- has deleted every id up to trimmed_through.
 CREATE TABLE IF NOT EXISTS conversations (
     key text PRIMARY KEY,
-    last_id bigint NOT NULL
+    last_id bigint NOT NULL,
+    trimmed_through bigint NOT NULL DEFAULT 0
 );
+ALTER TABLE conversations ADD COLUMN IF NOT EXISTS trimmed_through bigint NOT NULL DEFAULT 0;
 
 CREATE TABLE IF NOT EXISTS messages (
     conversation text NOT NULL,
@@ -56,11 +59,12 @@ CREATE SEQUENCE IF NOT EXISTS recency;
 -- One group commit: every request of a batch in one call and one transaction. `in_kinds` says
 -- what each is: 'a' an append (of sender, recipient, body, ts, ref, direct), 'r' a read position
 -- (reader in in_senders, the id in in_tss). One row comes back per request, in order: the id (the
--- position, for reads), whether the append was a retry, and the stored message.
+-- position, for reads), whether the append was a retry, and the stored message (for a retry, the
+-- first copy's).
 --
--- Set-based where it counts: each conversation's counter is read once and written once, and the
--- messages, refs and inbox entries of the whole batch are written by one statement each; the
--- loop only numbers the appends and spots retries (against the refs table, and within the batch).
+-- Locks are always taken in key order (conversation counters, then read positions), so batches of
+-- different nodes wait for each other and never deadlock. The loop only numbers the appends and
+-- spots retries; every table is written by one statement per batch.
 CREATE OR REPLACE FUNCTION write_batch(
     in_kinds text[],
     in_conversations text[],
@@ -91,9 +95,9 @@ DECLARE
     found_at int[];
     found_ids bigint[];
     found_ts bigint[];
+    -- This batch's stored appends with a ref: the key, and where in the batch.
     batch_refs text[] := '{}';
-    batch_ref_ids bigint[] := '{}';
-    batch_ref_ts bigint[] := '{}';
+    batch_ref_at int[] := '{}';
     ids bigint[] := array_fill(0::bigint, ARRAY[n]);
     dups boolean[] := array_fill(false, ARRAY[n]);
     senders_out text[] := in_senders;
@@ -101,15 +105,16 @@ DECLARE
     bodies_out text[] := in_bodies;
     tss_out bigint[] := in_tss;
     stored boolean[] := array_fill(false, ARRAY[n]);
+    recency_base bigint;
     k int;
     p int;
+    j int;
     ref_key text;
     earlier_id bigint;
     earlier_ts bigint;
     original record;
 BEGIN
-    -- Lock every conversation this batch appends to, always in key order, so batches of
-    -- different nodes wait for each other instead of deadlocking; read each counter once.
+    -- Lock every conversation this batch appends to, in key order; read each counter once.
     SELECT array_agg(DISTINCT c ORDER BY c) INTO keys
       FROM unnest(in_conversations, in_kinds) AS x(c, kind) WHERE kind = 'a';
     IF keys IS NOT NULL THEN
@@ -131,35 +136,35 @@ BEGIN
      WHERE r.kind = 'a' AND r.ref IS NOT NULL;
 
     FOR i IN 1 .. n LOOP
-        IF in_kinds[i] = 'r' THEN
-            INSERT INTO reads AS r (reader, conversation, id)
-                VALUES (in_senders[i], in_conversations[i], in_tss[i])
-                ON CONFLICT (reader, conversation) DO UPDATE SET id = greatest(r.id, excluded.id)
-                RETURNING r.id INTO earlier_id;
-            ids[i] := earlier_id;
-            CONTINUE;
-        END IF;
-
+        CONTINUE WHEN in_kinds[i] <> 'a';
         earlier_id := NULL;
+        j := NULL;
         IF in_refs[i] IS NOT NULL THEN
             ref_key := in_conversations[i] || chr(31) || in_senders[i] || chr(31) || in_refs[i];
             p := array_position(batch_refs, ref_key);
             IF p IS NOT NULL THEN
-                earlier_id := batch_ref_ids[p]; earlier_ts := batch_ref_ts[p];
+                j := batch_ref_at[p];
+                earlier_id := ids[j]; earlier_ts := in_tss[j];
             ELSE
                 p := array_position(found_at, i);
                 IF p IS NOT NULL THEN
                     earlier_id := found_ids[p]; earlier_ts := found_ts[p];
                 END IF;
             END IF;
-            IF earlier_id IS NOT NULL AND earlier_ts + in_window <= in_tss[i] THEN
+            IF earlier_id IS NOT NULL AND (in_window <= 0 OR in_tss[i] - earlier_ts >= in_window) THEN
                 earlier_id := NULL;
+                j := NULL;
             END IF;
         END IF;
 
         IF earlier_id IS NOT NULL THEN
-            ids[i] := earlier_id; dups[i] := true; tss_out[i] := earlier_ts;
-            IF array_position(batch_ref_ids, earlier_id) IS NULL THEN
+            ids[i] := earlier_id; dups[i] := true;
+            IF j IS NOT NULL THEN
+                -- The first copy is in this batch.
+                senders_out[i] := in_senders[j]; recipients_out[i] := in_recipients[j];
+                bodies_out[i] := in_bodies[j]; tss_out[i] := in_tss[j];
+            ELSE
+                tss_out[i] := earlier_ts;
                 SELECT m.sender, m.recipient, m.body, m.ts INTO original FROM messages m
                     WHERE m.conversation = in_conversations[i] AND m.id = earlier_id;
                 -- Retention may have dropped the original; the retry carries the same content.
@@ -177,10 +182,29 @@ BEGIN
         stored[i] := true;
         IF in_refs[i] IS NOT NULL THEN
             batch_refs := batch_refs || ref_key;
-            batch_ref_ids := batch_ref_ids || ids[i];
-            batch_ref_ts := batch_ref_ts || in_tss[i];
+            batch_ref_at := batch_ref_at || i;
         END IF;
     END LOOP;
+
+    -- Read positions, set-based and in key order; each request gets its position after the batch.
+    IF 'r' = ANY (in_kinds) THEN
+        WITH moved AS (
+            INSERT INTO reads AS r (reader, conversation, id)
+                SELECT DISTINCT ON (reader, conversation) reader, conversation, id
+                  FROM unnest(in_senders, in_conversations, in_tss, in_kinds)
+                       AS x(reader, conversation, id, kind)
+                 WHERE kind = 'r'
+                 ORDER BY reader, conversation, id DESC
+                ON CONFLICT (reader, conversation) DO UPDATE SET id = greatest(r.id, excluded.id)
+                RETURNING r.reader, r.conversation, r.id
+        )
+        SELECT array_agg(CASE WHEN x.kind = 'r' THEN m.id ELSE x.id END ORDER BY x.ord)
+          INTO ids
+          FROM unnest(in_kinds, in_senders, in_conversations, ids)
+               WITH ORDINALITY AS x(kind, reader, conversation, id, ord)
+          LEFT JOIN moved m ON x.kind = 'r' AND m.reader = x.reader
+                           AND m.conversation = x.conversation;
+    END IF;
 
     IF keys IS NOT NULL THEN
         INSERT INTO messages (conversation, id, sender, recipient, body, ts)
@@ -196,30 +220,39 @@ BEGIN
              WHERE keep AND ref IS NOT NULL
              ORDER BY c, s, ref, id DESC
             ON CONFLICT (conversation, sender, ref) DO UPDATE SET id = excluded.id, ts = excluded.ts;
-        -- Both sides of each direct conversation, once each, at its newest message.
-        INSERT INTO partners AS p (owner, partner, conversation, recency)
-            SELECT DISTINCT ON (owner, partner) owner, partner, c, rank
-              FROM (SELECT s AS owner, rcpt AS partner, c, nextval('recency') AS rank
-                      FROM unnest(in_senders, in_recipients, in_conversations, in_directs, stored)
-                           WITH ORDINALITY AS x(s, rcpt, c, direct, keep, ord)
-                     WHERE keep AND direct
-                    UNION ALL
-                    SELECT rcpt, s, c, nextval('recency')
-                      FROM unnest(in_senders, in_recipients, in_conversations, in_directs, stored)
-                           AS x(s, rcpt, c, direct, keep)
-                     WHERE keep AND direct) sides
-             ORDER BY owner, partner, rank DESC
-            ON CONFLICT (owner, partner) DO UPDATE SET recency = excluded.recency;
-        UPDATE conversations c SET last_id = x.last_id
-          FROM unnest(keys, lasts) AS x(key, last_id)
-         WHERE c.key = x.key AND x.last_id > c.last_id;
-        -- Retention: exactly the ids that fell out with this batch, a bounded range, so the
-        -- delete never walks the dead rows of earlier deletes.
+        -- Both sides of each direct conversation, at its newest message: one sequence number
+        -- per batch, and the batch position below it, so later in the batch is more recent.
+        IF true = ANY (in_directs) THEN
+            recency_base := nextval('recency') * 10000;
+            INSERT INTO partners AS p (owner, partner, conversation, recency)
+                SELECT DISTINCT ON (side.owner, side.partner)
+                       side.owner, side.partner, x.c, recency_base + x.ord
+                  FROM unnest(in_senders, in_recipients, in_conversations, in_directs, stored)
+                       WITH ORDINALITY AS x(s, rcpt, c, direct, keep, ord)
+                 CROSS JOIN LATERAL (VALUES (x.s, x.rcpt), (x.rcpt, x.s)) AS side(owner, partner)
+                 WHERE x.keep AND x.direct
+                 ORDER BY side.owner, side.partner, x.ord DESC
+                ON CONFLICT (owner, partner) DO UPDATE SET recency = excluded.recency;
+        END IF;
+        -- The new counters, and retention: delete exactly the ids that fell out since the last
+        -- trim (a bounded range, so the delete never walks the dead rows of earlier ones, and a
+        -- retention lowered since then catches up).
+        WITH counters AS (
+            UPDATE conversations c
+               SET last_id = greatest(c.last_id, x.last_id),
+                   trimmed_through = greatest(c.trimmed_through, x.last_id - in_retention)
+              FROM unnest(keys, lasts) AS x(key, last_id)
+             WHERE c.key = x.key
+         RETURNING c.key, c.trimmed_through AS now_through
+        ), before AS (
+            SELECT c.key, c.trimmed_through AS was_through
+              FROM conversations c WHERE c.key = ANY (keys)
+        )
         DELETE FROM messages m
-         USING unnest(keys, first_lasts, lasts) AS x(key, before_batch, after_batch)
+         USING counters x JOIN before b ON b.key = x.key
          WHERE m.conversation = x.key
-           AND m.id > x.before_batch - in_retention
-           AND m.id <= x.after_batch - in_retention;
+           AND m.id > b.was_through
+           AND m.id <= x.now_through;
     END IF;
 
     RETURN QUERY

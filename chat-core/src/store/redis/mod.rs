@@ -199,7 +199,8 @@ impl HistoryStore for RedisHistoryStore {
             .arg(message.body)
             .arg(message.ts)
             .arg(window)
-            .arg(self.config.retention)
+            // MAXLEN takes a signed 64-bit count.
+            .arg(self.config.retention.min(i64::MAX as usize))
             .arg(if message.reference.is_some() {
                 "1"
             } else {

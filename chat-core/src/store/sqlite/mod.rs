@@ -985,6 +985,24 @@ mod tests {
         .unwrap()
     }
 
+    /// A SIGKILL loses nothing the OS has, so only the settings show that a commit (and so an
+    /// ack) waits for the disk: WAL with `synchronous = FULL` on the writing connection.
+    #[test]
+    fn the_writer_commits_to_disk() {
+        let dir = std::env::temp_dir().join(format!("chat-sqlite-sync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (conn, _) = open_writer(&dir.join("sync.db")).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .unwrap();
+        let synchronous: i64 = conn
+            .query_row("PRAGMA synchronous", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!((mode.as_str(), synchronous), ("wal", 2), "2 is FULL");
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Whatever piled up, maintenance catches up within the round it is due, a bounded chunk
     /// per batch; one chunk every ten seconds could not keep pace with a thousand appends a
     /// second.
