@@ -15,6 +15,9 @@ cd "$(dirname "$0")/.."
 . scripts/redis-for-tests.sh
 . scripts/postgres-for-tests.sh
 
+# The socket tests (tests/cluster.rs, tests/durability.rs) run the example servers as processes.
+# `cargo test --all-targets` builds examples as test harnesses only, so build the binaries first.
+cargo build --workspace --all-features --examples
 cargo test --workspace --all-features --all-targets
 cargo test --workspace --all-features --doc
 

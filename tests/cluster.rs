@@ -34,7 +34,11 @@ fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile = exe.parent().and_then(|deps| deps.parent()).unwrap();
     let path = profile.join("examples").join(name);
-    assert!(path.exists(), "{} is not built", path.display());
+    assert!(
+        path.exists(),
+        "{} is not built: run ./scripts/test.sh, or `cargo build --examples` first",
+        path.display()
+    );
     path
 }
 

@@ -27,7 +27,13 @@ use tokio_tungstenite::tungstenite::Message;
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    profile.join("examples").join(name)
+    let path = profile.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run ./scripts/test.sh, or `cargo build --examples` first",
+        path.display()
+    );
+    path
 }
 
 struct Server {
