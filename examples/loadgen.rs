@@ -144,8 +144,9 @@ async fn read(
     let mut seen = Seen::default();
     loop {
         let stop_at = deadline.load(Ordering::Relaxed);
+        // Until the deadline is set, look again every so often: it may be set meanwhile.
         let wait = if stop_at == u64::MAX {
-            Duration::from_secs(3_600)
+            Duration::from_millis(100)
         } else {
             Duration::from_micros(stop_at.saturating_sub(micros_since(start)))
         };

@@ -29,7 +29,7 @@ chat_on_exit stop_servers
 start() { # port layer prefix
     RUST_LOG=error "$bin/chat-server-tungstenite" --addr "127.0.0.1:$1" --layer "$2" \
         --redis-url "$CHAT_TEST_REDIS_URL" --redis-prefix "$3" \
-        --rate-per-second 10000 --rate-burst 10000 &
+        --rate-per-second 10000 --rate-burst 10000 $( [ "$2" = memory ] && echo --store memory ) &
     servers+=($!)
     for _ in $(seq 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return

@@ -24,9 +24,22 @@ pub struct ChatConfig {
     /// Consecutive rate-limited frames after which the connection is closed with 1008 as a
     /// flood. Default 100.
     pub flood_close_after: u32,
-    /// Outbound frames queued for one connection; a client that stops reading is closed with
-    /// 1008 when it fills, so a slow reader costs bounded memory. Default 256.
-    pub outbound_queue: usize,
+    /// Bytes on their way to one client that it has not taken yet (queued, or written but not
+    /// flushed to its socket). A client over it is not reading and is closed with 1008; a
+    /// client that reads stays under it however far behind the server itself falls, so
+    /// overload raises latency and never cuts readers. Bounds a connection's memory. Default
+    /// 1 MiB.
+    pub outbound_budget: usize,
+    /// How long one write to a client (a batch of frames, at most 64 KiB) may take; a client
+    /// that takes nothing for this long is closed with 1008. Default 10 s.
+    pub write_timeout: Duration,
+    /// Channel-layer messages that may wait for one connection while it is busy (the capacity
+    /// of its `conn.*` channel). A connection the server could not keep up with beyond it skips
+    /// to the history store for the messages it missed, rather than being cut. Default 1,024.
+    pub connection_backlog: usize,
+    /// Messages a conversation may hold back while it waits for one that an earlier-numbered
+    /// message overtook; beyond it they are read from the store instead. Default 64.
+    pub reorder_window: usize,
     /// Rooms one connection may be in at once; one more is `too_many_rooms`. Default 100.
     pub max_rooms_per_connection: usize,
     /// Messages in `joined.history` when the join does not resume. Default 50.
@@ -67,7 +80,10 @@ impl Default for ChatConfig {
             rate_per_second: 10.0,
             rate_burst: 30,
             flood_close_after: 100,
-            outbound_queue: 256,
+            outbound_budget: 1 << 20,
+            write_timeout: Duration::from_secs(10),
+            connection_backlog: 1_024,
+            reorder_window: 64,
             max_rooms_per_connection: 100,
             join_history: 50,
             resume_limit: 500,

@@ -906,7 +906,7 @@ async fn an_oversized_frame_closes_with_1009() {
 #[tokio::test]
 async fn a_slow_reader_is_cut_off_while_others_keep_receiving() {
     let chat = chat_with(ChatConfig {
-        outbound_queue: 16,
+        outbound_budget: 2_048,
         ..ChatConfig::default()
     });
     let mut fast = Client::connect(&chat, "fast").await;
@@ -1211,4 +1211,27 @@ fn ids(messages: &serde_json::Value) -> Vec<u64> {
         .iter()
         .map(|m| m["id"].as_u64().unwrap())
         .collect()
+}
+
+#[tokio::test]
+async fn a_reader_the_server_fell_behind_is_repaired_from_the_store_not_cut() {
+    // Two layer messages may wait for a connection; fifty are published without the connection
+    // getting a turn in between, so the layer drops most of them for it. The client reads all
+    // along: it must get every message, in order, from the store, and stay connected.
+    let chat = chat_with(ChatConfig {
+        connection_backlog: 2,
+        ..ChatConfig::default()
+    });
+    let mut reader = Client::connect(&chat, "reader").await;
+    reader.join("a").await;
+    for i in 0..50 {
+        chat.publish("a", "bot", &format!("m{i}")).await.unwrap();
+    }
+    for i in 0..50 {
+        let frame = reader.recv_type("message").await;
+        assert_eq!(frame["body"], format!("m{i}"));
+    }
+    reader.expect_silence().await;
+    reader.send(json!({"type": "ping"})).await;
+    reader.recv_type("pong").await;
 }

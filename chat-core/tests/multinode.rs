@@ -117,7 +117,7 @@ type Parts = (
 impl Cluster {
     async fn new(backend: Backend, count: usize, config: ChatConfig) -> Self {
         let layer_config =
-            LayerConfig::default().with_channel_capacity("conn.*", config.outbound_queue);
+            LayerConfig::default().with_channel_capacity("conn.*", config.connection_backlog);
         let mut parts: Vec<Parts> = Vec::new();
         match backend {
             Backend::Memory => {

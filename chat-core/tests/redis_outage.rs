@@ -63,7 +63,7 @@ async fn node(redis: &PrivateRedis, prefix: &str) -> Chat {
     let layer = RedisChannelLayer::connect(
         &[&redis.url],
         prefix,
-        LayerConfig::default().with_channel_capacity("conn.*", config.outbound_queue),
+        LayerConfig::default().with_channel_capacity("conn.*", config.connection_backlog),
     )
     .await
     .unwrap();

@@ -81,6 +81,32 @@ pub(crate) struct Cli {
     /// Frames a connection may send in a burst.
     #[arg(long, env = "CHAT_RATE_BURST", default_value_t = ChatConfig::default().rate_burst)]
     pub(crate) rate_burst: u32,
+    /// Consecutive rate-limited frames after which a connection is closed as a flood.
+    #[arg(long, env = "CHAT_FLOOD_CLOSE_AFTER", default_value_t = ChatConfig::default().flood_close_after)]
+    pub(crate) flood_close_after: u32,
+    /// Largest inbound frame in bytes; larger closes the connection with 1009.
+    #[arg(long, env = "CHAT_MAX_FRAME_BYTES", default_value_t = ChatConfig::default().max_frame_bytes)]
+    pub(crate) max_frame_bytes: usize,
+    /// Longest message body in characters; longer is `too_large`.
+    #[arg(long, env = "CHAT_MAX_BODY_CHARS", default_value_t = ChatConfig::default().max_body_chars)]
+    pub(crate) max_body_chars: usize,
+    /// Bytes on their way to one client that it has not taken yet; beyond it the client is not
+    /// reading and is closed with 1008.
+    #[arg(long, env = "CHAT_OUTBOUND_BUDGET", default_value_t = ChatConfig::default().outbound_budget)]
+    pub(crate) outbound_budget: usize,
+    /// Seconds one write to a client may take before it is closed with 1008 as not reading.
+    #[arg(long, env = "CHAT_WRITE_TIMEOUT", default_value_t = ChatConfig::default().write_timeout.as_secs())]
+    pub(crate) write_timeout: u64,
+    /// Channel-layer messages that may wait for one connection; beyond it the connection reads
+    /// what it missed from the history store.
+    #[arg(long, env = "CHAT_CONNECTION_BACKLOG", default_value_t = ChatConfig::default().connection_backlog)]
+    pub(crate) connection_backlog: usize,
+    /// Rooms one connection may be in at once.
+    #[arg(long, env = "CHAT_MAX_ROOMS", default_value_t = ChatConfig::default().max_rooms_per_connection)]
+    pub(crate) max_rooms: usize,
+    /// Most messages a resuming join (`since`) returns before the client pages.
+    #[arg(long, env = "CHAT_RESUME_LIMIT", default_value_t = ChatConfig::default().resume_limit)]
+    pub(crate) resume_limit: usize,
     /// Authentication.
     #[arg(long, env = "CHAT_AUTH", value_enum, default_value = "dev")]
     pub(crate) auth: AuthMode,
@@ -108,6 +134,14 @@ impl Cli {
             node_lease: Duration::from_secs(self.node_lease.max(1)),
             rate_per_second: self.rate_per_second,
             rate_burst: self.rate_burst,
+            flood_close_after: self.flood_close_after.max(1),
+            max_frame_bytes: self.max_frame_bytes.max(1_024),
+            max_body_chars: self.max_body_chars.max(1),
+            outbound_budget: self.outbound_budget.max(64 * 1024),
+            write_timeout: Duration::from_secs(self.write_timeout.max(1)),
+            connection_backlog: self.connection_backlog.max(1),
+            max_rooms_per_connection: self.max_rooms.max(1),
+            resume_limit: self.resume_limit.max(1),
             ..ChatConfig::default()
         };
         let mut builder = Chat::builder().authenticator(authenticator);
@@ -119,7 +153,7 @@ impl Cli {
         let prefix = &self.redis_prefix;
         if self.layer == LayerMode::Redis {
             let layer_config =
-                LayerConfig::default().with_channel_capacity("conn.*", config.outbound_queue);
+                LayerConfig::default().with_channel_capacity("conn.*", config.connection_backlog);
             let layer = RedisChannelLayer::connect(&self.redis_url, prefix, layer_config)
                 .await
                 .map_err(|error| format!("--layer redis: {error}"))?;

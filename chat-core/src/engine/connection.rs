@@ -6,11 +6,15 @@
 //!   and repairs gaps from the history store.
 //! - The **writer** drains the outbound queue into the socket.
 //!
-//! The outbound queue is bounded (`outbound_queue`). Nothing ever waits for room in it: a full
-//! queue means the client is not reading, and the connection is closed with 1008 rather than let
-//! one slow reader hold memory or stall anyone else. A message the channel layer had to drop for
-//! this connection closes it the same way, so a client never silently misses a message: it
-//! reconnects and resumes with `since`.
+//! The outbound queue ([`Outgoing`]) is bounded in *bytes the client has not taken*
+//! (`outbound_budget`), not in frames: a client that reads keeps it short however far behind the
+//! server itself falls, so overload raises latency and never cuts a reader. Nothing ever waits
+//! for room in it. A client over the budget, or one that takes nothing from a write for
+//! `write_timeout`, is not reading and is closed with 1008. The writer takes many frames per
+//! flush (up to 64 KiB), so a busy connection costs one syscall per batch, not per frame. When
+//! the channel layer had to drop messages for this connection (its `conn.*` channel was full
+//! because the server was behind), nothing is cut either: every conversation is checked against
+//! the history store, which fills the gap in order.
 //!
 //! **Order.** Each conversation the connection takes part in (a joined room, a direct
 //! conversation) has a [`Sequencer`]: messages leave in id order, each once, whatever order the
@@ -35,11 +39,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::edges::EdgeFilter;
 use super::envelope::{self, room_group, user_group, Envelope, Kind, Received, PRESENCE_GROUP};
+use super::outgoing::{Outgoing, PushError};
 use super::rate::TokenBucket;
 use super::sequencer::{Frame, Sequencer};
 use super::{
@@ -55,6 +60,10 @@ use crate::protocol::{
 use crate::registry::Departure;
 use crate::store::{Conversation, StoredMessage};
 
+/// Most layer messages routed per wake-up, beyond the one that woke the connection.
+const ROUTE_BATCH: usize = 63;
+/// Most bytes one write to the socket takes (several frames, one flush).
+const WRITE_BATCH: usize = 64 * 1024;
 /// How long the engine tries to deliver its close frame to a socket that may not be reading.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most messages one gap repair reads from the store at once.
@@ -149,7 +158,7 @@ struct Connection {
     user: String,
     channel: String,
     shared: Arc<Mutex<Shared>>,
-    out: mpsc::Sender<Bytes>,
+    out: Arc<Outgoing>,
     /// Wakes the forwarder when the reader scheduled a repair.
     repairs_changed: Notify,
 }
@@ -190,7 +199,7 @@ where
         direct_heads,
         epoch,
     } = opened;
-    let (out, mut queue) = mpsc::channel(inner.config.outbound_queue.max(1));
+    let out = Arc::new(Outgoing::new(inner.config.outbound_budget));
     let connection = Connection {
         inner: Arc::clone(&inner),
         channel: subscription.name().to_owned(),
@@ -205,7 +214,7 @@ where
             repairs: BinaryHeap::new(),
             generations: 0,
         })),
-        out,
+        out: Arc::clone(&out),
         repairs_changed: Notify::new(),
     };
     // Subscribed before registering, so a lease loss announced from here on reaches us.
@@ -237,7 +246,7 @@ where
         tokio::select! {
             reason = start => either(reason),
             reason = connection.forward_loop(subscription) => either(reason),
-            reason = write_loop(&mut queue, &mut outbound, inner.config.ping_interval) => reason,
+            reason = write_loop(&out, &mut outbound, &inner.config) => reason,
         }
     };
     // The subscription is dropped by now, so the layer has already forgotten the channel.
@@ -249,14 +258,15 @@ where
     ) {
         // Frames already queued (the last error replies, say) go out before the close frame,
         // unless the client is the reason they could not.
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain(&mut queue, &mut outbound)).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain(&out, &mut outbound)).await;
     }
+    out.close();
     close(&mut outbound, reason).await;
     reason
 }
 
-async fn drain<O: Sink<Outbound> + Unpin>(queue: &mut mpsc::Receiver<Bytes>, outbound: &mut O) {
-    while let Ok(frame) = queue.try_recv() {
+async fn drain<O: Sink<Outbound> + Unpin>(out: &Outgoing, outbound: &mut O) {
+    for frame in out.drain() {
         if outbound.feed(Outbound::Text(frame)).await.is_err() {
             return;
         }
@@ -290,27 +300,34 @@ async fn close<O: Sink<Outbound> + Unpin>(outbound: &mut O, reason: CloseReason)
     }
 }
 
+/// Writes what is queued to the socket in batches (several frames, one flush), and pings. A
+/// batch the client takes nothing of for `write_timeout` closes the connection as too slow.
 async fn write_loop<O: Sink<Outbound> + Unpin>(
-    queue: &mut mpsc::Receiver<Bytes>,
+    out: &Outgoing,
     outbound: &mut O,
-    ping_interval: Duration,
+    config: &crate::ChatConfig,
 ) -> CloseReason {
-    let start = tokio::time::Instant::now() + ping_interval;
-    let mut ping = tokio::time::interval_at(start, ping_interval);
+    let start = tokio::time::Instant::now() + config.ping_interval;
+    let mut ping = tokio::time::interval_at(start, config.ping_interval);
+    let mut batch = Vec::new();
     loop {
-        let frame = tokio::select! {
-            frame = queue.recv() => match frame {
-                Some(frame) => Outbound::Text(frame),
-                None => return CloseReason::TransportError,
-            },
-            _ = ping.tick() => Outbound::Ping,
+        let bytes = tokio::select! {
+            bytes = out.take(&mut batch, WRITE_BATCH) => bytes,
+            _ = ping.tick() => 0,
         };
-        if outbound.feed(frame).await.is_err() {
-            return CloseReason::TransportError;
-        }
-        // Flush once per burst rather than once per frame.
-        if queue.is_empty() && outbound.flush().await.is_err() {
-            return CloseReason::TransportError;
+        let write = async {
+            if batch.is_empty() {
+                outbound.feed(Outbound::Ping).await?;
+            }
+            for frame in batch.drain(..) {
+                outbound.feed(Outbound::Text(frame)).await?;
+            }
+            outbound.flush().await
+        };
+        match tokio::time::timeout(config.write_timeout, write).await {
+            Ok(Ok(())) => out.written(bytes),
+            Ok(Err(_)) => return CloseReason::TransportError,
+            Err(_) => return CloseReason::SlowConsumer,
         }
     }
 }
@@ -439,11 +456,11 @@ impl Connection {
         Ok(())
     }
 
-    /// Queues a frame for the client; a full queue means the client stopped reading.
+    /// Queues a frame for the client; a spent budget means the client stopped reading.
     fn push(&self, frame: Bytes) -> Result<(), CloseReason> {
-        self.out.try_send(frame).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => CloseReason::SlowConsumer,
-            mpsc::error::TrySendError::Closed(_) => CloseReason::TransportError,
+        self.out.push(frame).map_err(|error| match error {
+            PushError::Full => CloseReason::SlowConsumer,
+            PushError::Closed => CloseReason::TransportError,
         })
     }
 
@@ -477,9 +494,8 @@ impl Connection {
     }
 
     fn sequencer_capacity(&self) -> usize {
-        // Early arrivals waiting for a gap are bounded well below the outbound queue, so that
-        // releasing them never fills it; anything beyond is read from the store instead.
-        (self.inner.config.outbound_queue / 4).max(1)
+        // Early arrivals waiting for a gap are bounded; anything beyond is read from the store.
+        self.inner.config.reorder_window.max(1)
     }
 
     async fn read_loop<I>(
@@ -1042,6 +1058,7 @@ impl Connection {
         mut subscription: Subscription,
     ) -> Result<CloseReason, CloseReason> {
         let mut interruptions = subscription.interruptions();
+        let mut layer_missed = 0;
         loop {
             let next_repair = lock(&self.shared)
                 .repairs
@@ -1059,14 +1076,30 @@ impl Connection {
                         // The layer is gone: nothing more can reach this connection.
                         return Ok(CloseReason::Shutdown);
                     };
-                    if subscription.missed() > 0 {
-                        // The layer dropped a message meant for us: better to close and let the
-                        // client resume than to let it believe it saw everything.
-                        return Ok(CloseReason::SlowConsumer);
+                    {
+                        let mut shared = lock(&self.shared);
+                        let now = Instant::now();
+                        if let Some(reason) = self.route(&mut shared, &message, now)? {
+                            return Ok(reason);
+                        }
+                        // Whatever else is queued, under the same lock and clock reading: under
+                        // load, one wake-up routes many messages.
+                        for _ in 0..ROUTE_BATCH {
+                            let Some(message) = subscription.try_recv() else {
+                                break;
+                            };
+                            if let Some(reason) = self.route(&mut shared, &message, now)? {
+                                return Ok(reason);
+                            }
+                        }
                     }
-                    let mut shared = lock(&self.shared);
-                    if let Some(reason) = self.route(&mut shared, &message)? {
-                        return Ok(reason);
+                    let missed = subscription.missed();
+                    if missed > layer_missed {
+                        // The layer dropped messages meant for us: this connection fell behind
+                        // the server (overload), not the client. Messages are in the store, so
+                        // every conversation is checked against it, as after an interruption.
+                        layer_missed = missed;
+                        self.suspect_everything();
                     }
                 }
                 () = repair_due => self.repair_due().await?,
@@ -1082,12 +1115,12 @@ impl Connection {
         &self,
         shared: &mut Shared,
         message: &Bytes,
+        now: Instant,
     ) -> Result<Option<CloseReason>, CloseReason> {
         let Some(received) = envelope::unwrap(message) else {
             tracing::warn!("ignoring a channel-layer message that is not an engine envelope");
             return Ok(None);
         };
-        let now = Instant::now();
         match received.kind {
             Kind::Kick => return Ok(Some(CloseReason::Disconnected)),
             Kind::User => {
@@ -1120,7 +1153,7 @@ impl Connection {
                         state: RoomState::Joining(waiting),
                         ..
                     }) => {
-                        if waiting.len() >= self.inner.config.outbound_queue {
+                        if waiting.len() >= self.inner.config.connection_backlog {
                             return Err(CloseReason::SlowConsumer);
                         }
                         waiting.push(received);
@@ -1345,16 +1378,12 @@ impl Connection {
             (conversation, after, upto, generation)
         };
         // Pace the repair by what the client is taking: it only uses the free half of the
-        // queue, leaving the rest for live traffic and replies.
-        let room = self
-            .out
-            .capacity()
-            .saturating_sub(inner.config.outbound_queue / 2);
-        if room == 0 {
+        // budget, leaving the rest for live traffic and replies.
+        if self.out.pending() > inner.config.outbound_budget / 2 {
             return Ok(Some(now + REPAIR_PACE));
         }
         let wanted = usize::try_from(upto - after).unwrap_or(usize::MAX);
-        let limit = wanted.min(room).min(REPAIR_PAGE);
+        let limit = wanted.min(REPAIR_PAGE);
         let page = match inner.store.after(&conversation, after, limit).await {
             Ok(page) => page,
             Err(error) => {

@@ -72,6 +72,7 @@ mod edges;
 mod envelope;
 mod node;
 mod outbox;
+mod outgoing;
 mod rate;
 mod sequencer;
 
@@ -81,7 +82,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{Sink, Stream};
-use tokio::sync::{mpsc, watch, OnceCell};
+use tokio::sync::{watch, OnceCell};
 
 use crate::auth::{AuthError, Authenticator, Handshake};
 use crate::config::ChatConfig;
@@ -96,6 +97,7 @@ use crate::store::{
 
 use envelope::{room_group, user_group, Envelope, Kind, PRESENCE_GROUP};
 use outbox::{AckTo, Job, Outbox};
+use outgoing::Outgoing;
 
 /// A frame from the client, as the adapter received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,9 +314,9 @@ impl ChatBuilder {
     /// The channel layer connections talk through. Nodes of one deployment share it.
     ///
     /// The engine names each connection's channel `conn.*`; give those channels a capacity of at
-    /// least [`ChatConfig::outbound_queue`] (`LayerConfig::with_channel_capacity("conn.*", n)`),
-    /// or a burst larger than the layer's capacity will cut connections off as too slow. The
-    /// default in-memory layer is set up so.
+    /// least [`ChatConfig::connection_backlog`] (`LayerConfig::with_channel_capacity("conn.*", n)`),
+    /// or a connection behind by more than the layer's capacity reads what it missed from the
+    /// store sooner than it needs to. The default in-memory layer is set up so.
     pub fn layer(mut self, layer: Arc<dyn ChannelLayer>) -> Self {
         self.layer = Some(layer);
         self
@@ -356,7 +358,7 @@ impl ChatBuilder {
         let (shutdown, _) = watch::channel(false);
         let (lease_lost, _) = watch::channel(0);
         let layer = self.layer.unwrap_or_else(|| {
-            let capacity = self.config.outbound_queue;
+            let capacity = self.config.connection_backlog;
             let config = LayerConfig::default().with_channel_capacity("conn.*", capacity);
             Arc::new(InMemoryChannelLayer::new(config))
         });
@@ -455,7 +457,7 @@ pub(crate) fn ack_frame(reference: Option<&str>, id: u64) -> Bytes {
 
 /// The connection sending a direct message: its channel name, its outbound queue, and what to
 /// call with the id once the message is stored.
-pub(crate) type DirectSender<'a> = (&'a str, &'a mpsc::Sender<Bytes>, &'a (dyn Fn(u64) + Sync));
+pub(crate) type DirectSender<'a> = (&'a str, &'a Arc<Outgoing>, &'a (dyn Fn(u64) + Sync));
 
 /// A message stored and handed to the layer, or stored and waiting in the outbox.
 pub(crate) struct Publication {
@@ -538,7 +540,7 @@ impl Inner {
         from: &str,
         body: &str,
         reference: Option<&str>,
-        ack_to: Option<&mpsc::Sender<Bytes>>,
+        ack_to: Option<&Arc<Outgoing>>,
     ) -> Result<Publication, ChatError> {
         self.check_layer()?;
         let message = NewMessage {

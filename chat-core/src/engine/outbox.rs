@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::Inner;
+use super::{Inner, Outgoing};
 
 /// The first retry's delay; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -26,7 +26,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Where to send an `ack` once the publish succeeded.
 pub(crate) struct AckTo {
-    pub(crate) connection: mpsc::Sender<Bytes>,
+    pub(crate) connection: Arc<Outgoing>,
     pub(crate) frame: Bytes,
 }
 
@@ -105,7 +105,7 @@ async fn work(mut receiver: mpsc::Receiver<Job>, inner: Weak<Inner>, backlog: Ar
         }
         if let Some(ack) = job.ack {
             // A connection that went away or stopped reading will retry with the same ref.
-            let _ = ack.connection.try_send(ack.frame);
+            let _ = ack.connection.push(ack.frame);
         }
         backlog.fetch_sub(1, Ordering::AcqRel);
         tracing::debug!("a stored message that had failed to publish is delivered");
