@@ -65,6 +65,20 @@ pub struct ChatConfig {
     /// How often a connection refreshes its channel-layer group memberships, so that long-lived
     /// connections outlast the layer's `group_expiry`. Default 1 hour.
     pub membership_refresh: Duration,
+    /// Members above which a room is *large* (protocol 1.1): its members get no `member`,
+    /// `typing` or room `read` events, but `member_count` at most every
+    /// `member_count_interval`. Default 500.
+    pub large_room: usize,
+    /// Users in `joined.members` and in a `members` page when the client gives no `limit`.
+    /// Default 200.
+    pub members_page: usize,
+    /// Largest `members` page; larger limits are cut to it. Default 1,000.
+    pub members_max_page: usize,
+    /// Users in one `online` reply; `who` `after` pages on. Default 1,000.
+    pub online_page: usize,
+    /// Shortest time between two `member_count` announcements of one room, across every node.
+    /// Default 1 s.
+    pub member_count_interval: Duration,
     /// How often the server pings each connection. Default 30 s.
     pub ping_interval: Duration,
     /// A connection from which nothing (no frame, no pong) arrived for this long is closed as
@@ -93,6 +107,11 @@ impl Default for ChatConfig {
             node_lease: Duration::from_secs(30),
             outbox_capacity: 1_024,
             membership_refresh: Duration::from_secs(3_600),
+            large_room: 500,
+            members_page: 200,
+            members_max_page: 1_000,
+            online_page: 1_000,
+            member_count_interval: Duration::from_secs(1),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
         }

@@ -131,6 +131,17 @@ pub enum ClientFrame {
     Who {
         /// Presence events from now on (`true`) or no more (`false`).
         watch: Option<bool>,
+        /// Only users sorting after this name (paging, protocol 1.1).
+        after: Option<String>,
+    },
+    /// A page of a room's members (protocol 1.1).
+    Members {
+        /// The room (membership needed).
+        room: String,
+        /// Only users sorting after this name.
+        after: Option<String>,
+        /// Page size.
+        limit: Option<u64>,
     },
     /// Liveness check.
     Ping,
@@ -159,7 +170,8 @@ impl FrameError {
 }
 
 const KNOWN_TYPES: &[&str] = &[
-    "join", "leave", "send", "direct", "typing", "read", "history", "inbox", "who", "ping",
+    "join", "leave", "send", "direct", "typing", "read", "history", "inbox", "who", "members",
+    "ping",
 ];
 
 /// The typed shape of each frame, checked by serde once the `type` is known.
@@ -200,6 +212,12 @@ enum Wire {
     Inbox {},
     Who {
         watch: Option<bool>,
+        after: Option<String>,
+    },
+    Members {
+        room: String,
+        after: Option<String>,
+        limit: Option<u64>,
     },
     Ping {},
 }
@@ -293,7 +311,8 @@ pub fn decode_with_ref(text: &[u8]) -> Result<(ClientFrame, Option<String>), Fra
             }
         }
         Wire::Inbox {} => ClientFrame::Inbox,
-        Wire::Who { watch } => ClientFrame::Who { watch },
+        Wire::Who { watch, after } => ClientFrame::Who { watch, after },
+        Wire::Members { room, after, limit } => ClientFrame::Members { room, after, limit },
         Wire::Ping {} => ClientFrame::Ping,
     };
     Ok((frame, reference))
@@ -406,8 +425,10 @@ pub enum ServerFrame {
     Joined {
         /// The room.
         room: String,
-        /// The users in the room, sorted.
+        /// The first users in the room, sorted (at most a page; `members` pages the rest).
         members: Vec<String>,
+        /// How many users the room holds (protocol 1.1).
+        member_count: usize,
         /// Recent or resumed messages, oldest first.
         history: Vec<MessageView>,
         /// Whether the resume cap cut `history`.
@@ -444,8 +465,31 @@ pub enum ServerFrame {
     },
     /// Reply to `who`.
     Online {
-        /// Every user with a live connection, sorted.
+        /// Users with a live connection, sorted: a page of at most the server's limit.
         users: Vec<String>,
+        /// How many users are online (protocol 1.1).
+        count: usize,
+        /// Whether further users follow; page on with `who` `after` (protocol 1.1).
+        more: bool,
+    },
+    /// Reply to `members` (protocol 1.1).
+    Members {
+        /// The room.
+        room: String,
+        /// A page of the room's users, sorted.
+        users: Vec<String>,
+        /// How many users the room holds.
+        count: usize,
+        /// Whether further users follow.
+        more: bool,
+    },
+    /// A large room's member count changed (protocol 1.1; at most once a second per room).
+    #[serde(rename = "member_count")]
+    MemberCount {
+        /// The room.
+        room: String,
+        /// How many users it holds.
+        count: usize,
     },
     /// Someone is typing.
     Typing {
@@ -589,7 +633,25 @@ mod tests {
             (r#"{"type":"inbox"}"#, ClientFrame::Inbox),
             (
                 r#"{"type":"who","watch":true}"#,
-                ClientFrame::Who { watch: Some(true) },
+                ClientFrame::Who {
+                    watch: Some(true),
+                    after: None,
+                },
+            ),
+            (
+                r#"{"type":"who","after":"mallory"}"#,
+                ClientFrame::Who {
+                    watch: None,
+                    after: Some("mallory".into()),
+                },
+            ),
+            (
+                r#"{"type":"members","room":"a","after":"bob","limit":10}"#,
+                ClientFrame::Members {
+                    room: "a".into(),
+                    after: Some("bob".into()),
+                    limit: Some(10),
+                },
             ),
             (r#"{"type":"ping","extra":[1,2]}"#, ClientFrame::Ping),
         ];

@@ -34,13 +34,14 @@ async fn join_replies_with_members_and_history_and_tells_the_others() {
     let joined = alice.join("lobby").await;
     assert_eq!(
         joined,
-        json!({"type": "joined", "room": "lobby", "members": ["alice"], "history": [], "more": false})
+        json!({"type": "joined", "room": "lobby", "members": ["alice"], "member_count": 1, "history": [], "more": false})
     );
     alice.say("lobby", "first").await;
 
     let mut bob = Client::connect(&chat, "bob").await;
     let joined = bob.join("lobby").await;
     assert_eq!(joined["members"], json!(["alice", "bob"]));
+    assert_eq!(joined["member_count"], 2);
     let history = joined["history"].as_array().unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(history[0]["body"], "first");
@@ -573,7 +574,7 @@ async fn who_lists_online_users_and_watch_gives_presence_edges() {
     watcher.send(json!({"type": "who", "watch": true})).await;
     assert_eq!(
         watcher.recv().await,
-        json!({"type": "online", "users": ["watcher"]})
+        json!({"type": "online", "users": ["watcher"], "count": 1, "more": false})
     );
 
     let alice = Client::connect(&chat, "alice").await;
@@ -587,7 +588,7 @@ async fn who_lists_online_users_and_watch_gives_presence_edges() {
     watcher.send(json!({"type": "who"})).await;
     assert_eq!(
         watcher.recv().await,
-        json!({"type": "online", "users": ["alice", "watcher"]})
+        json!({"type": "online", "users": ["alice", "watcher"], "count": 2, "more": false})
     );
 
     alice.disconnect().await;
@@ -1234,4 +1235,176 @@ async fn a_reader_the_server_fell_behind_is_repaired_from_the_store_not_cut() {
     reader.expect_silence().await;
     reader.send(json!({"type": "ping"})).await;
     reader.recv_type("pong").await;
+}
+
+/// Protocol 1.1 with small thresholds: `joined` lists a first page and the count, `members` and
+/// `who` page the rest, and a room above `large_room` sends no `member`, `typing` or `read`
+/// events but `member_count`, at most once per interval, until it is small again.
+#[tokio::test]
+async fn rooms_of_any_size_page_their_members_and_count_instead_of_announcing() {
+    let chat = chat_with(ChatConfig {
+        large_room: 3,
+        members_page: 2,
+        members_max_page: 3,
+        online_page: 2,
+        member_count_interval: std::time::Duration::from_millis(300),
+        ..ChatConfig::default()
+    });
+    let mut alice = Client::connect(&chat, "alice").await;
+    alice.join("r").await;
+    let mut others = Vec::new();
+    for user in ["bob", "carol"] {
+        let mut client = Client::connect(&chat, user).await;
+        client.join("r").await;
+        assert_eq!(
+            alice.recv_type("member").await["user"],
+            user,
+            "small: member events"
+        );
+        others.push(client);
+    }
+    // The fourth member makes the room large: a count, not a member event.
+    let mut dave = Client::connect(&chat, "dave").await;
+    let joined = dave.join("r").await;
+    assert_eq!(
+        joined["members"],
+        json!(["alice", "bob"]),
+        "the first page only"
+    );
+    assert_eq!(joined["member_count"], 4);
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "member_count", "room": "r", "count": 4})
+    );
+    // A storm of joins within one interval is one more count, not one event per join.
+    for user in ["erin", "frank", "grace"] {
+        let mut client = Client::connect(&chat, user).await;
+        client.join("r").await;
+        others.push(client);
+    }
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "member_count", "room": "r", "count": 7})
+    );
+    alice.expect_silence().await;
+
+    // Paging: default page, explicit limit cut to the maximum, after a name.
+    alice.send(json!({"type": "members", "room": "r"})).await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "members", "room": "r", "users": ["alice", "bob"], "count": 7, "more": true})
+    );
+    alice
+        .send(json!({"type": "members", "room": "r", "after": "bob", "limit": 50}))
+        .await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "members", "room": "r", "users": ["carol", "dave", "erin"], "count": 7, "more": true})
+    );
+    alice
+        .send(json!({"type": "members", "room": "r", "after": "erin"}))
+        .await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "members", "room": "r", "users": ["frank", "grace"], "count": 7, "more": false})
+    );
+    alice
+        .send(json!({"type": "members", "room": "elsewhere"}))
+        .await;
+    alice.expect_error("not_member").await;
+
+    // Large: typing and read are not announced (read is still stored).
+    while dave.recv_type("member_count").await["count"] != 7 {}
+    dave.send(json!({"type": "typing", "room": "r"})).await;
+    let id = dave.say("r", "hello").await;
+    dave.send(json!({"type": "read", "room": "r", "id": id}))
+        .await;
+    assert_eq!(alice.recv_type("message").await["body"], "hello");
+    alice.expect_silence().await;
+
+    // `who` pages too.
+    alice.send(json!({"type": "who"})).await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "online", "users": ["alice", "bob"], "count": 7, "more": true})
+    );
+    alice.send(json!({"type": "who", "after": "frank"})).await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "online", "users": ["grace"], "count": 7, "more": false})
+    );
+
+    // Back to the threshold: one count says the room is small again; then member events.
+    for _ in 0..4 {
+        others.pop().unwrap().disconnect().await;
+    }
+    let count = alice.recv_type("member_count").await;
+    let count = if count["count"] == 3 {
+        count
+    } else {
+        alice.recv_type("member_count").await
+    };
+    assert_eq!(
+        count,
+        json!({"type": "member_count", "room": "r", "count": 3})
+    );
+    dave.send(json!({"type": "typing", "room": "r"})).await;
+    assert_eq!(alice.recv_type("typing").await["from"], "dave");
+    dave.disconnect().await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "member", "room": "r", "user": "dave", "event": "leave"})
+    );
+}
+
+/// Protocol 1.1's point: 10,000 clients joining one room at once cost O(N). Under version 1
+/// every early joiner would get thousands of `member` events and be cut as a slow reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_of_ten_thousand_cuts_nobody_and_costs_a_few_frames_each() {
+    const CLIENTS: usize = 10_000;
+    let chat = chat();
+    let mut clients = Vec::with_capacity(CLIENTS);
+    // In waves of 1,000 at once, so a debug build on two cores answers each within the
+    // helpers' patience.
+    for wave in 0..CLIENTS / 1_000 {
+        let mut joins = tokio::task::JoinSet::new();
+        for i in wave * 1_000..(wave + 1) * 1_000 {
+            let chat = chat.clone();
+            joins.spawn(async move {
+                let mut client = Client::connect(&chat, &format!("u{i:05}")).await;
+                let joined = client.join("storm").await;
+                assert!(joined["members"].as_array().unwrap().len() <= 200);
+                client
+            });
+        }
+        while let Some(client) = joins.join_next().await {
+            clients.push(client.unwrap());
+        }
+    }
+    assert_eq!(chat.room_members("storm").await.unwrap().len(), CLIENTS);
+    // Every announcement has settled; a late client sees the whole count.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let mut late = Client::connect(&chat, "late").await;
+    assert_eq!(late.join("storm").await["member_count"], CLIENTS + 1);
+
+    let mut most = 0;
+    for client in &mut clients {
+        assert!(!client.task.is_finished(), "{} was cut", client.user);
+        let frames = client.drain_now();
+        let counts = frames
+            .iter()
+            .filter(|f| f["type"] == "member_count")
+            .count();
+        let members = frames.iter().filter(|f| f["type"] == "member").count();
+        assert_eq!(
+            counts + members,
+            frames.len(),
+            "{}: {frames:?}",
+            client.user
+        );
+        assert!(members < 500, "member events only while the room is small");
+        most = most.max(counts);
+    }
+    // One count per second per room, whatever the number of joins.
+    assert!(most <= 60, "a client got {most} counts during the storm");
 }

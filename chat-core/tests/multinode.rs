@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chat_core::layer::{ChannelLayer, FaultyLayer, InMemoryChannelLayer, LayerConfig};
 use chat_core::registry::{
-    Departure, Edge, InMemoryRegistry, Lease, Listing, Registry, RegistryError,
+    Count, Departure, Edge, InMemoryRegistry, Lease, Listing, Page, Registry, RegistryError,
 };
 use chat_core::store::{HistoryStore, InMemoryHistoryStore};
 use chat_core::{Chat, ChatConfig};
@@ -71,13 +71,21 @@ impl Registry for Cable {
         self.check()?;
         self.registry.leave(room, user, c).await
     }
-    async fn members(&self, room: &str) -> Result<Listing, RegistryError> {
+    async fn members_page(&self, room: &str, page: Page<'_>) -> Result<Listing, RegistryError> {
         self.check()?;
-        self.registry.members(room).await
+        self.registry.members_page(room, page).await
     }
-    async fn online(&self) -> Result<Listing, RegistryError> {
+    async fn online_page(&self, page: Page<'_>) -> Result<Listing, RegistryError> {
         self.check()?;
-        self.registry.online().await
+        self.registry.online_page(page).await
+    }
+    async fn claim_count(&self, room: &str, ttl: Duration) -> Result<bool, RegistryError> {
+        self.check()?;
+        self.registry.claim_count(room, ttl).await
+    }
+    async fn release_count(&self, room: &str) -> Result<Count, RegistryError> {
+        self.check()?;
+        self.registry.release_count(room).await
     }
     async fn sweep(&self) -> Result<Vec<Departure>, RegistryError> {
         self.check()?;

@@ -29,6 +29,7 @@ const state = {
   rooms: new Map(), // room -> conversation
   dms: new Map(), // partner -> conversation
   online: new Set(),
+  onlineCount: 0, // all online users; `online` lists at most a page of them
   view: null, // { kind: 'room' | 'dm', name }
   pending: new Map(), // ref -> { kind, name, body, id, failed }
   lastTyping: 0,
@@ -40,7 +41,9 @@ function conversation() {
     more: true, // older history exists
     lastId: 0,
     unread: 0,
-    members: new Set(),
+    members: new Set(), // the pages of members loaded so far (protocol 1.1 pages them)
+    memberCount: 0, // all members, from `joined`, `member` and `member_count`
+    membersMore: false, // further members follow the loaded pages
     reads: new Map(), // user -> read id (rooms); partner's position (dms) under the partner's name
     typing: new Map(), // user -> timer
     sentRead: 0,
@@ -137,14 +140,24 @@ function handleFrame(frame) {
     case 'joined': return onJoined(frame);
     case 'left': return;
     case 'member': return onMember(frame);
+    case 'member_count': return onMemberCount(frame);
+    case 'members': return onMembers(frame);
     case 'message': return onMessage('room', frame.room, frame);
     case 'direct': return onMessage('dm', frame.from === state.me ? frame.to : frame.from, frame);
     case 'ack': return onAck(frame);
     case 'history': return onHistory(frame);
     case 'inbox': return onInbox(frame);
-    case 'online': state.online = new Set(frame.users); return renderOnline();
+    case 'online':
+      state.online = new Set(frame.users);
+      state.onlineCount = frame.count ?? frame.users.length;
+      return renderOnline();
     case 'presence':
-      if (frame.status === 'online') state.online.add(frame.user); else state.online.delete(frame.user);
+      if (frame.status === 'online') {
+        if (!state.online.has(frame.user)) state.onlineCount += 1;
+        state.online.add(frame.user);
+      } else if (state.online.delete(frame.user)) {
+        state.onlineCount = Math.max(0, state.onlineCount - 1);
+      }
       return renderOnline();
     case 'typing': return onTyping(frame);
     case 'read': return onRead(frame);
@@ -183,6 +196,8 @@ function addMessages(conv, messages) {
 function onJoined(frame) {
   const conv = convOf('room', frame.room);
   conv.members = new Set(frame.members);
+  conv.memberCount = frame.member_count ?? frame.members.length;
+  conv.membersMore = conv.memberCount > frame.members.length;
   // A first join returns the newest 50: anything older exists only if the page came back full.
   if (conv.messages.size === 0) conv.more = frame.history.length >= 50;
   addMessages(conv, frame.history);
@@ -194,8 +209,36 @@ function onJoined(frame) {
 
 function onMember(frame) {
   const conv = convOf('room', frame.room);
-  if (frame.event === 'join') conv.members.add(frame.user); else conv.members.delete(frame.user);
+  if (frame.event === 'join') {
+    if (!conv.members.has(frame.user)) conv.memberCount += 1;
+    conv.members.add(frame.user);
+  } else if (conv.members.delete(frame.user) || conv.membersMore) {
+    conv.memberCount = Math.max(0, conv.memberCount - 1);
+  }
   if (isViewing('room', frame.room)) renderMembers();
+}
+
+// A large room (protocol 1.1) announces its size instead of every join and leave: the loaded
+// pages may be stale, so the list offers to load them again.
+function onMemberCount(frame) {
+  const conv = convOf('room', frame.room);
+  conv.memberCount = frame.count;
+  conv.membersMore = conv.memberCount > conv.members.size || conv.membersMore;
+  if (isViewing('room', frame.room)) renderMembers();
+}
+
+function onMembers(frame) {
+  const conv = convOf('room', frame.room);
+  for (const user of frame.users) conv.members.add(user);
+  conv.memberCount = frame.count;
+  conv.membersMore = frame.more;
+  if (isViewing('room', frame.room)) renderMembers();
+}
+
+function loadMoreMembers(room) {
+  const conv = convOf('room', room);
+  const after = [...conv.members].sort().pop();
+  send(after ? { type: 'members', room, after } : { type: 'members', room });
 }
 
 function onMessage(kind, name, frame) {
@@ -416,6 +459,8 @@ function renderRooms() {
 
 function renderOnline() {
   const list = $('online');
+  const hidden = Math.max(0, state.onlineCount - state.online.size);
+  const rest = hidden > 0 ? [el('li', { class: 'more-users' }, `and ${hidden} more`)] : [];
   list.replaceChildren(...[...state.online].sort().map((user) => {
     if (user === state.me) return el('li', { 'data-user': user, class: 'me' }, `${user} (you)`);
     const li = clickable(el('li', { 'data-user': user }), () => openView('dm', user));
@@ -423,7 +468,7 @@ function renderOnline() {
     li.append(el('span', {}, user), badge(conv ? conv.unread : 0));
     if (isViewing('dm', user)) li.setAttribute('aria-current', 'true');
     return li;
-  }));
+  }), ...rest);
 }
 
 function renderInbox() {
@@ -438,8 +483,17 @@ function renderInbox() {
 }
 
 function renderMembers() {
-  const conv = state.view && state.view.kind === 'room' ? convOf('room', state.view.name) : null;
-  $('members').replaceChildren(...(conv ? [...conv.members].sort() : []).map((user) => el('li', { 'data-user': user }, user)));
+  const room = state.view && state.view.kind === 'room' ? state.view.name : null;
+  const conv = room ? convOf('room', room) : null;
+  $('members-title').textContent = conv ? `In this room (${conv.memberCount})` : 'In this room';
+  const items = (conv ? [...conv.members].sort() : []).map((user) => el('li', { 'data-user': user }, user));
+  if (conv && conv.membersMore) {
+    const more = el('button', { type: 'button', class: 'link', id: 'more-members' }, 'Show more');
+    more.addEventListener('click', () => loadMoreMembers(room));
+    items.push(el('li', {}, ''));
+    items[items.length - 1].append(more);
+  }
+  $('members').replaceChildren(...items);
 }
 
 function renderTyping() {

@@ -57,7 +57,7 @@ use crate::protocol::{
     decode_with_ref, ClientFrame, ErrorCode, FrameError, InboxItem, MemberEvent, PresenceStatus,
     ServerFrame, Target,
 };
-use crate::registry::Departure;
+use crate::registry::{Departure, Page};
 use crate::store::{Conversation, StoredMessage};
 
 /// Most layer messages routed per wake-up, beyond the one that woke the connection.
@@ -89,6 +89,14 @@ struct Room {
     generation: u64,
     /// The registry version of the member list sent in `joined`; older edges are old news.
     member_floor: u64,
+    /// The member count as last heard (`joined`, `member_count`) and its registry version.
+    /// Every crossing of `large_room` is announced with a count, so this says whether the room
+    /// is large, which spares typing and read events there.
+    count: usize,
+    count_version: u64,
+    /// More live frames arrived while joining than `connection_backlog`: the room is checked
+    /// against the store once joined, instead of buffering without bound.
+    overflowed: bool,
     state: RoomState,
 }
 
@@ -615,7 +623,8 @@ impl Connection {
                 limit,
             } => self.history(target, before, after, limit).await,
             ClientFrame::Inbox => self.inbox().await,
-            ClientFrame::Who { watch } => self.who(watch).await,
+            ClientFrame::Who { watch, after } => self.who(watch, after).await,
+            ClientFrame::Members { room, after, limit } => self.members(room, after, limit).await,
             ClientFrame::Ping => self.push(ServerFrame::Pong.encode()).map(Ok),
         }
     }
@@ -641,6 +650,9 @@ impl Connection {
                 let room_state = Room {
                     generation: shared.generations,
                     member_floor: 0,
+                    count: 0,
+                    count_version: 0,
+                    overflowed: false,
                     state: RoomState::Joining(Vec::new()),
                 };
                 shared.rooms.insert(room.clone(), room_state);
@@ -661,7 +673,8 @@ impl Connection {
                 inner.store.before(&conversation, None, limit).await
             }
         };
-        let members = inner.registry.members(&room).await;
+        let first_page = Page::first(inner.config.members_page);
+        let members = inner.registry.members_page(&room, first_page).await;
         let (page, members) = match (page, members) {
             (Ok(page), Ok(members)) => (page, members),
             (Err(error), _) => return self.join_failed(&room, error).await,
@@ -671,6 +684,7 @@ impl Connection {
         let joined = ServerFrame::Joined {
             room: room.clone(),
             members: members.users,
+            member_count: members.count,
             history: page
                 .messages
                 .into_iter()
@@ -690,11 +704,25 @@ impl Connection {
         if let RoomState::Joining(waiting) = &mut entry.state {
             let waiting = std::mem::take(waiting);
             entry.member_floor = members.version;
+            if members.version >= entry.count_version {
+                entry.count = members.count;
+                entry.count_version = members.version;
+            }
+            let overflowed = std::mem::take(&mut entry.overflowed);
             entry.state = if behind {
                 RoomState::Behind
             } else {
-                RoomState::Live(Sequencer::new(page.last_id, capacity))
+                let mut sequencer = Sequencer::new(page.last_id, capacity);
+                if overflowed {
+                    // Frames were dropped while joining: read the store after the history.
+                    let grace = inner.config.gap_grace;
+                    sequencer.suspect(now.checked_sub(grace).unwrap_or(now));
+                }
+                RoomState::Live(sequencer)
             };
+            if overflowed && !behind {
+                shared.repairs.push(Reverse((now, Key::Room(room.clone()))));
+            }
             for received in waiting {
                 self.deliver_room(&mut shared, &room, received, now)?;
             }
@@ -714,7 +742,7 @@ impl Connection {
             .await?;
         if let Some(edge) = inner.registry.join(room, &self.user, &self.channel).await? {
             inner
-                .announce_member(room, &self.user, MemberEvent::Join, edge.version)
+                .announce_member(room, &self.user, MemberEvent::Join, edge)
                 .await;
         }
         Ok(())
@@ -745,6 +773,7 @@ impl Connection {
                     room: room.to_owned(),
                     user: self.user.clone(),
                     version: edge.version,
+                    count: edge.count,
                 };
                 inner.announce_departure(&departure).await;
             }
@@ -841,6 +870,9 @@ impl Connection {
         let (group, envelope) = match &target {
             Target::Room(room) => {
                 self.check_member(room)?;
+                if self.is_large(room) {
+                    return Ok(());
+                }
                 let frame = ServerFrame::Typing {
                     room: Some(room.clone()),
                     to: None,
@@ -891,6 +923,10 @@ impl Connection {
             .map_err(unavailable)?;
         let envelope = match target {
             Target::Room(room) => {
+                if self.is_large(&room) {
+                    // Stored, not announced (protocol 1.1).
+                    return Ok(());
+                }
                 let frame = ServerFrame::Read {
                     room: Some(room.clone()),
                     with: None,
@@ -1005,7 +1041,42 @@ impl Connection {
             .map(Ok)
     }
 
-    async fn who(&self, watch: Option<bool>) -> Handled {
+    /// A page of a room's members (protocol 1.1).
+    async fn members(&self, room: String, after: Option<String>, limit: Option<u64>) -> Handled {
+        if let Err(refusal) = self.check_member(&room) {
+            return Ok(Err(refusal));
+        }
+        let config = &self.inner.config;
+        let limit = limit.map_or(config.members_page, |limit| {
+            usize::try_from(limit).unwrap_or(usize::MAX)
+        });
+        let page = Page {
+            after: after.as_deref(),
+            limit: limit.clamp(1, config.members_max_page),
+        };
+        let listing = match self.inner.registry.members_page(&room, page).await {
+            Ok(listing) => listing,
+            Err(error) => return Ok(Err(unavailable(error))),
+        };
+        let frame = ServerFrame::Members {
+            room,
+            users: listing.users,
+            count: listing.count,
+            more: listing.more,
+        };
+        self.push(frame.encode()).map(Ok)
+    }
+
+    /// Whether a joined room is large as this connection last heard.
+    fn is_large(&self, room: &str) -> bool {
+        let large = self.inner.config.large_room;
+        lock(&self.shared)
+            .rooms
+            .get(room)
+            .is_some_and(|entry| entry.count > large)
+    }
+
+    async fn who(&self, watch: Option<bool>, after: Option<String>) -> Handled {
         let layer = &self.inner.layer;
         let watched = match watch {
             Some(true) => layer.group_add(PRESENCE_GROUP, &self.channel).await,
@@ -1018,7 +1089,11 @@ impl Connection {
         if let Some(watch) = watch {
             lock(&self.shared).watching = watch;
         }
-        let online = match self.inner.registry.online().await {
+        let page = Page {
+            after: after.as_deref(),
+            limit: self.inner.config.online_page.max(1),
+        };
+        let online = match self.inner.registry.online_page(page).await {
             Ok(online) => online,
             Err(error) => return Ok(Err(unavailable(error))),
         };
@@ -1026,6 +1101,8 @@ impl Connection {
         self.push(
             ServerFrame::Online {
                 users: online.users,
+                count: online.count,
+                more: online.more,
             }
             .encode(),
         )?;
@@ -1140,7 +1217,7 @@ impl Connection {
                     self.push(received.frame)?;
                 }
             }
-            Kind::Room => {
+            Kind::Room | Kind::Count => {
                 // A second handle on the shared bytes (no copy) to name the room by.
                 let first = received.first.clone();
                 let Some(room) = text(&first) else {
@@ -1151,12 +1228,15 @@ impl Connection {
                     None => {}
                     Some(Room {
                         state: RoomState::Joining(waiting),
+                        overflowed,
                         ..
                     }) => {
-                        if waiting.len() >= self.inner.config.connection_backlog {
-                            return Err(CloseReason::SlowConsumer);
+                        // The server is behind, not the client: drop and repair, never cut.
+                        if waiting.len() < self.inner.config.connection_backlog {
+                            waiting.push(received);
+                        } else {
+                            *overflowed = true;
                         }
-                        waiting.push(received);
                     }
                     Some(_) => self.deliver_room(shared, room, received, now)?,
                 }
@@ -1185,6 +1265,15 @@ impl Connection {
         let Some(entry) = rooms.get_mut(room) else {
             return Ok(());
         };
+        if received.kind == Kind::Count {
+            // Counts travel by different paths too: an older one never replaces a newer one.
+            if received.version < entry.count_version {
+                return Ok(());
+            }
+            entry.count = usize::try_from(received.id).unwrap_or(usize::MAX);
+            entry.count_version = received.version;
+            return self.push(received.frame);
+        }
         if received.id == 0 {
             if self.excluded(&received) {
                 return Ok(());
@@ -1278,7 +1367,7 @@ impl Connection {
         }
         // The direct conversations' news is found by the resync.
         repairs.push(Reverse((now, Key::Resync)));
-        tracing::info!(
+        tracing::debug!(
             user = self.user,
             "delivery was interrupted; checking for missed messages"
         );

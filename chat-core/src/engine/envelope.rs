@@ -28,6 +28,9 @@ pub(crate) enum Kind {
     Presence,
     /// Close the receiving connection (the host disconnected the user).
     Kick,
+    /// A large room's member count (protocol 1.1 `member_count`): the count in `id`, the
+    /// registry version it is as of in `version`.
+    Count,
 }
 
 impl Kind {
@@ -38,6 +41,7 @@ impl Kind {
             Self::User => b'U',
             Self::Presence => b'P',
             Self::Kick => b'K',
+            Self::Count => b'C',
         }
     }
 
@@ -48,6 +52,7 @@ impl Kind {
             b'U' => Self::User,
             b'P' => Self::Presence,
             b'K' => Self::Kick,
+            b'C' => Self::Count,
             _ => return None,
         })
     }
@@ -102,6 +107,16 @@ impl<'a> Envelope<'a> {
             second: user,
             version,
             ..Self::new(Kind::Room)
+        }
+    }
+
+    /// `room`'s member count as of the registry's `version`.
+    pub(crate) fn member_count(room: &'a str, count: usize, version: u64) -> Self {
+        Self {
+            first: room,
+            id: u64::try_from(count).unwrap_or(u64::MAX),
+            version,
+            ..Self::new(Kind::Count)
         }
     }
 

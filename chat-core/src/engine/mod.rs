@@ -78,7 +78,7 @@ mod sequencer;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{Sink, Stream};
@@ -90,7 +90,7 @@ use crate::layer::{ChannelLayer, InMemoryChannelLayer, LayerConfig, LayerError};
 use crate::names::{is_valid_room_name, is_valid_user_name};
 use crate::policy::{AllowAll, Policy};
 use crate::protocol::{ErrorCode, MemberEvent, MessageView, PresenceStatus, ServerFrame};
-use crate::registry::{Departure, InMemoryRegistry, Registry, RegistryError};
+use crate::registry::{Count, Departure, Edge, InMemoryRegistry, Page, Registry, RegistryError};
 use crate::store::{
     Conversation, HistoryStore, InMemoryHistoryStore, NewMessage, StoreError, StoredMessage,
 };
@@ -631,19 +631,26 @@ impl Inner {
 
     /// Tells `room` about `user`'s membership edge (a join is not told to the user's own tabs).
     pub(crate) async fn announce_member(
-        &self,
+        self: &Arc<Self>,
         room: &str,
         user: &str,
         event: MemberEvent,
-        version: u64,
+        edge: Edge,
     ) {
+        let large = self.config.large_room;
+        // A leave that brings a large room back to the threshold is a count too: it tells the
+        // members the room is small again, and `member` events follow from the next edge on.
+        if edge.count > large || (event == MemberEvent::Leave && edge.count == large) {
+            self.member_count_changed(room).await;
+            return;
+        }
         let frame = ServerFrame::Member {
             room: room.to_owned(),
             user: user.to_owned(),
             event,
         }
         .encode();
-        let mut envelope = Envelope::member_edge(room, user, version);
+        let mut envelope = Envelope::member_edge(room, user, edge.version);
         if event == MemberEvent::Join {
             envelope = envelope.excluding_user(user);
         }
@@ -656,15 +663,96 @@ impl Inner {
         }
     }
 
+    /// A large room's member count changed: announce it, unless an announcement is already
+    /// pending on some node (it will include this change). The claim in the registry makes it
+    /// at most one `member_count` per room per `member_count_interval` across every node, so a
+    /// join storm of N costs O(N) registry calls plus one frame per member per interval.
+    async fn member_count_changed(self: &Arc<Self>, room: &str) {
+        let interval = self.config.member_count_interval;
+        // Long enough to outlive one announcement; short enough that a node that died holding
+        // the claim delays the next count by little.
+        let ttl = interval * 2 + Duration::from_secs(1);
+        match self.registry.claim_count(room, ttl).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(error) => {
+                tracing::warn!(%error, room, "member count not announced");
+                return;
+            }
+        }
+        let inner = Arc::clone(self);
+        let room = room.to_owned();
+        tokio::spawn(async move { inner.announce_counts(&room, ttl).await });
+    }
+
+    /// Holds the room's count claim: announces the count now, then once per interval for as
+    /// long as it keeps changing.
+    async fn announce_counts(&self, room: &str, ttl: Duration) {
+        let interval = self.config.member_count_interval;
+        let mut announced = None;
+        loop {
+            let listing = self.registry.members_page(room, Page::first(0)).await;
+            let current = match listing {
+                Ok(listing) => Count {
+                    count: listing.count,
+                    version: listing.version,
+                },
+                Err(error) => {
+                    tracing::warn!(%error, room, "member count not announced");
+                    Count {
+                        count: usize::MAX,
+                        version: 0,
+                    }
+                }
+            };
+            if current.version > 0 && announced != Some(current.count) {
+                let frame = ServerFrame::MemberCount {
+                    room: room.to_owned(),
+                    count: current.count,
+                }
+                .encode();
+                let envelope = Envelope::member_count(room, current.count, current.version);
+                if let Err(error) = self
+                    .layer
+                    .group_send(&room_group(room), envelope.wrap(&frame))
+                    .await
+                {
+                    tracing::warn!(%error, room, "member count not delivered");
+                }
+                announced = Some(current.count);
+            }
+            tokio::time::sleep(interval).await;
+            match self.registry.release_count(room).await {
+                Ok(count) if Some(count.count) == announced => return,
+                Ok(_) => {}
+                Err(error) => {
+                    // The claim lapses by itself; the next change announces again.
+                    tracing::warn!(%error, room, "member count claim not released");
+                    return;
+                }
+            }
+            // Changed while we held the claim: take it again, unless another node just did.
+            match self.registry.claim_count(room, ttl).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return,
+            }
+        }
+    }
+
     /// Announces an edge that a departure (a closed connection, a swept node) crossed.
-    pub(crate) async fn announce_departure(&self, departure: &Departure) {
+    pub(crate) async fn announce_departure(self: &Arc<Self>, departure: &Departure) {
         match departure {
             Departure::Left {
                 room,
                 user,
                 version,
+                count,
             } => {
-                self.announce_member(room, user, MemberEvent::Leave, *version)
+                let edge = Edge {
+                    version: *version,
+                    count: *count,
+                };
+                self.announce_member(room, user, MemberEvent::Leave, edge)
                     .await;
             }
             Departure::Offline { user, version } => {

@@ -27,7 +27,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Departure, Lease, Registry};
+use super::{Departure, Lease, Page, Registry};
 
 /// A lease no check outlives.
 const LONG: Duration = Duration::from_secs(60);
@@ -394,6 +394,118 @@ where
     );
 }
 
+/// Listings come in pages of sorted names after a given name, with the whole list's size and
+/// whether more follow; edges carry the size right after the change.
+pub async fn listings_page_and_count<F, Fut>(factory: &F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Registry>>,
+{
+    let registry = factory().await;
+    registry.heartbeat("n1", LONG).await.unwrap();
+    let users = ["dave", "alice", "erin", "carol", "bob"];
+    for (i, user) in users.iter().enumerate() {
+        let online = registry.connect("n1", user, &format!("c{i}")).await;
+        assert_eq!(online.unwrap().unwrap().count, i + 1, "online count");
+        let joined = registry.join("r", user, &format!("c{i}")).await;
+        assert_eq!(joined.unwrap().unwrap().count, i + 1, "member count");
+    }
+    let first = registry.members_page("r", Page::first(2)).await.unwrap();
+    assert_eq!(first.users, ["alice", "bob"]);
+    assert_eq!((first.count, first.more), (5, true));
+    let next = Page {
+        after: Some("bob"),
+        limit: 2,
+    };
+    let second = registry.members_page("r", next).await.unwrap();
+    assert_eq!(second.users, ["carol", "dave"]);
+    assert!(second.more);
+    let last = Page {
+        after: Some("dave"),
+        limit: 2,
+    };
+    let third = registry.members_page("r", last).await.unwrap();
+    assert_eq!(
+        (third.users.as_slice(), third.more),
+        (&["erin".to_owned()][..], false)
+    );
+    let between = Page {
+        after: Some("bz"),
+        limit: 10,
+    };
+    let rest = registry.members_page("r", between).await.unwrap();
+    assert_eq!(
+        rest.users,
+        ["carol", "dave", "erin"],
+        "after a name not in the list"
+    );
+    let exact = registry.members_page("r", Page::first(5)).await.unwrap();
+    assert!(!exact.more, "a page that ends the list exactly says so");
+    let none = registry
+        .members_page("empty", Page::first(5))
+        .await
+        .unwrap();
+    assert_eq!((none.users.len(), none.count, none.more), (0, 0, false));
+
+    let online = registry.online_page(Page::first(3)).await.unwrap();
+    assert_eq!(online.users, ["alice", "bob", "carol"]);
+    assert_eq!((online.count, online.more), (5, true));
+
+    let left = registry.leave("r", "erin", "c2").await.unwrap().unwrap();
+    assert_eq!(left.count, 4);
+    let departures = registry.disconnect("dave", "c0").await.unwrap();
+    assert!(
+        departures.iter().any(|departure| matches!(
+            departure,
+            Departure::Left { room, count: 3, .. } if room == "r"
+        )),
+        "a departure carries the room's size after it: {departures:?}"
+    );
+}
+
+/// One member-count announcement is pending per room at a time, across every caller; releasing
+/// it returns the count with every change made while it was held, and a claim never released
+/// lapses.
+pub async fn count_claims_take_turns<F, Fut>(factory: &F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Registry>>,
+{
+    let registry = factory().await;
+    registry.heartbeat("n1", LONG).await.unwrap();
+    registry.connect("n1", "alice", "c1").await.unwrap();
+    registry.connect("n1", "bob", "c2").await.unwrap();
+    registry.join("r", "alice", "c1").await.unwrap();
+
+    assert!(registry.claim_count("r", LONG).await.unwrap());
+    assert!(
+        !registry.claim_count("r", LONG).await.unwrap(),
+        "one claim at a time"
+    );
+    assert!(
+        registry.claim_count("other", LONG).await.unwrap(),
+        "claims are per room"
+    );
+    let edge = registry.join("r", "bob", "c2").await.unwrap().unwrap();
+    let count = registry.release_count("r").await.unwrap();
+    assert_eq!(
+        count.count, 2,
+        "the change made while claimed is in the count"
+    );
+    assert!(count.version >= edge.version);
+    assert!(
+        registry.claim_count("r", LONG).await.unwrap(),
+        "released: free again"
+    );
+
+    assert!(registry.claim_count("lapsing", SHORT).await.unwrap());
+    tokio::time::sleep(SHORT * 2).await;
+    assert!(
+        registry.claim_count("lapsing", LONG).await.unwrap(),
+        "a claim never released lapses"
+    );
+}
+
 /// Expands to one `#[tokio::test]` per check of the suite, each calling it with `$factory`.
 #[macro_export]
 macro_rules! registry_conformance_tests {
@@ -402,7 +514,7 @@ macro_rules! registry_conformance_tests {
             presence_edges, room_edges, disconnect_leaves_every_room,
             versions_order_edges_and_listings, concurrent_tabs_alternate,
             registration_needs_a_lease, heartbeats_report_a_lost_lease, live_nodes_are_not_swept,
-            lapsed_nodes_are_swept_once);
+            lapsed_nodes_are_swept_once, listings_page_and_count, count_claims_take_turns);
     };
     (@each $factory:expr; $($check:ident),* $(,)?) => {
         $(

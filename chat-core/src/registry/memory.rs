@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Departure, Edge, Lease, Listing, Registry, RegistryError};
+use super::{page_of, Count, Departure, Edge, Lease, Listing, Page, Registry, RegistryError};
 
 /// A [`Registry`] in memory: one process, or several nodes sharing it inside one process.
 ///
@@ -46,6 +46,8 @@ struct State {
     /// Users map to their connections; sorted maps make the sorted listings free.
     online: BTreeMap<String, HashSet<String>>,
     rooms: BTreeMap<String, BTreeMap<String, HashSet<String>>>,
+    /// Pending member-count announcements, until when they lapse.
+    count_claims: HashMap<String, Instant>,
 }
 
 struct Connection {
@@ -87,19 +89,25 @@ impl State {
         self.version
     }
 
-    fn edge(&mut self, crossed: bool) -> Option<Edge> {
+    fn edge(&mut self, crossed: bool, count: usize) -> Option<Edge> {
         crossed.then(|| Edge {
             version: self.next_version(),
+            count,
         })
+    }
+
+    fn room_count(&self, room: &str) -> usize {
+        self.rooms.get(room).map_or(0, BTreeMap::len)
     }
 
     fn leave_room(&mut self, room: &str, user: &str, connection: &str) -> Option<Edge> {
         let members = self.rooms.get_mut(room)?;
         let last = remove(members, user, connection);
+        let count = members.len();
         if members.is_empty() {
             self.rooms.remove(room);
         }
-        self.edge(last)
+        self.edge(last, count)
     }
 
     /// Removes a connection entirely, returning the edges it crossed.
@@ -120,11 +128,13 @@ impl State {
                     room,
                     user: entry.user.clone(),
                     version: edge.version,
+                    count: edge.count,
                 });
             }
         }
         let last = remove(&mut self.online, &entry.user, connection);
-        if let Some(edge) = self.edge(last) {
+        let count = self.online.len();
+        if let Some(edge) = self.edge(last, count) {
             departures.push(Departure::Offline {
                 user: entry.user,
                 version: edge.version,
@@ -133,10 +143,19 @@ impl State {
         departures
     }
 
-    fn listing<'a>(&self, users: impl Iterator<Item = &'a String>) -> Listing {
+    fn listing<V>(&self, set: Option<&BTreeMap<String, V>>, page: Page<'_>) -> Listing {
+        let Some(set) = set else {
+            return Listing {
+                version: self.version,
+                ..Listing::default()
+            };
+        };
+        let (users, more) = page_of(set, page);
         Listing {
-            users: users.cloned().collect(),
+            users,
             version: self.version,
+            count: set.len(),
+            more,
         }
     }
 }
@@ -179,7 +198,8 @@ impl Registry for InMemoryRegistry {
             .or_default()
             .insert(connection.to_owned());
         let first = add(&mut state.online, user, connection);
-        Ok(state.edge(first))
+        let count = state.online.len();
+        Ok(state.edge(first, count))
     }
 
     async fn disconnect(
@@ -207,7 +227,8 @@ impl Registry for InMemoryRegistry {
         };
         let members = state.rooms.entry(room.to_owned()).or_default();
         let first = add(members, user, connection);
-        Ok(state.edge(first))
+        let count = members.len();
+        Ok(state.edge(first, count))
     }
 
     async fn leave(
@@ -223,17 +244,37 @@ impl Registry for InMemoryRegistry {
         Ok(state.leave_room(room, user, connection))
     }
 
-    async fn members(&self, room: &str) -> Result<Listing, RegistryError> {
+    async fn members_page(&self, room: &str, page: Page<'_>) -> Result<Listing, RegistryError> {
         let state = self.state();
-        Ok(match state.rooms.get(room) {
-            Some(members) => state.listing(members.keys()),
-            None => state.listing(std::iter::empty()),
-        })
+        Ok(state.listing(state.rooms.get(room), page))
     }
 
-    async fn online(&self) -> Result<Listing, RegistryError> {
+    async fn online_page(&self, page: Page<'_>) -> Result<Listing, RegistryError> {
         let state = self.state();
-        Ok(state.listing(state.online.keys()))
+        Ok(state.listing(Some(&state.online), page))
+    }
+
+    async fn claim_count(&self, room: &str, ttl: Duration) -> Result<bool, RegistryError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        if state
+            .count_claims
+            .get(room)
+            .is_some_and(|until| *until > now)
+        {
+            return Ok(false);
+        }
+        state.count_claims.insert(room.to_owned(), now + ttl);
+        Ok(true)
+    }
+
+    async fn release_count(&self, room: &str) -> Result<Count, RegistryError> {
+        let mut state = self.state();
+        state.count_claims.remove(room);
+        Ok(Count {
+            count: state.room_count(room),
+            version: state.version,
+        })
     }
 
     async fn sweep(&self) -> Result<Vec<Departure>, RegistryError> {

@@ -36,6 +36,24 @@ use async_trait::async_trait;
 pub use self::redis::RedisRegistry;
 pub use memory::InMemoryRegistry;
 
+/// Reads one page of a sorted set: O(log n + page).
+pub(crate) fn page_of<V>(
+    set: &std::collections::BTreeMap<String, V>,
+    page: Page<'_>,
+) -> (Vec<String>, bool) {
+    use std::ops::Bound;
+    let start = match page.after {
+        Some(after) => Bound::Excluded(after),
+        None => Bound::Unbounded,
+    };
+    let mut names = set
+        .range::<str, _>((start, Bound::Unbounded))
+        .map(|(name, _)| name);
+    let users: Vec<String> = names.by_ref().take(page.limit).cloned().collect();
+    let more = names.next().is_some();
+    (users, more)
+}
+
 /// A registry failure: the change did not happen, and may be retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("registry unavailable: {0}")]
@@ -47,6 +65,8 @@ pub struct RegistryError(pub String);
 pub struct Edge {
     /// Greater than the version of every edge before it.
     pub version: u64,
+    /// How many users the room (or `online`) holds right after the change.
+    pub count: usize,
 }
 
 /// An edge that a connection's departure crossed: the user's last connection left a room, or the
@@ -61,6 +81,8 @@ pub enum Departure {
         user: String,
         /// The edge's version.
         version: u64,
+        /// The users left in the room.
+        count: usize,
     },
     /// The user has no connection left anywhere.
     Offline {
@@ -71,13 +93,48 @@ pub enum Departure {
     },
 }
 
-/// A sorted list of users, and the version it is as of: it reflects every edge up to `version`
-/// and none after it.
+/// A page of a sorted list of users, and the version it is as of: it reflects every edge up to
+/// `version` and none after it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listing {
-    /// The users, sorted.
+    /// The users of the page, sorted.
     pub users: Vec<String>,
     /// The newest edge version the listing reflects.
+    pub version: u64,
+    /// How many users the whole list holds (not only this page).
+    pub count: usize,
+    /// Whether users follow after this page.
+    pub more: bool,
+}
+
+/// Which part of a sorted list of users to read: up to `limit` names after `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page<'a> {
+    /// Only names sorting after this one (`None`: from the start).
+    pub after: Option<&'a str>,
+    /// At most this many names.
+    pub limit: usize,
+}
+
+impl Page<'_> {
+    /// The whole list in one page; for tests and small deployments.
+    pub const ALL: Page<'static> = Page {
+        after: None,
+        limit: usize::MAX,
+    };
+
+    /// The first `limit` names.
+    pub fn first(limit: usize) -> Self {
+        Page { after: None, limit }
+    }
+}
+
+/// The member count of a room and the registry version it is as of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Count {
+    /// The users in the room.
+    pub count: usize,
+    /// The newest edge version the count reflects.
     pub version: u64,
 }
 
@@ -135,11 +192,33 @@ pub trait Registry: Send + Sync + 'static {
         connection: &str,
     ) -> Result<Option<Edge>, RegistryError>;
 
-    /// The users with at least one connection in `room`.
-    async fn members(&self, room: &str) -> Result<Listing, RegistryError>;
+    /// A page of the users with at least one connection in `room`, with their count. Costs
+    /// O(log n + page), never O(members).
+    async fn members_page(&self, room: &str, page: Page<'_>) -> Result<Listing, RegistryError>;
 
-    /// The users with at least one live connection.
-    async fn online(&self) -> Result<Listing, RegistryError>;
+    /// A page of the users with at least one live connection, with their count.
+    async fn online_page(&self, page: Page<'_>) -> Result<Listing, RegistryError>;
+
+    /// Every user in `room` (one unbounded page).
+    async fn members(&self, room: &str) -> Result<Listing, RegistryError> {
+        self.members_page(room, Page::ALL).await
+    }
+
+    /// Every online user (one unbounded page).
+    async fn online(&self) -> Result<Listing, RegistryError> {
+        self.online_page(Page::ALL).await
+    }
+
+    /// Claims the next announcement of `room`'s member count (protocol 1.1 `member_count`, sent
+    /// at most once a second per room across every node). `true`: nobody held the claim, and
+    /// the caller must announce and later [`release_count`](Registry::release_count); `false`:
+    /// someone else's announcement is pending and will include this change. A claim never
+    /// released (its node died) lapses after `ttl`.
+    async fn claim_count(&self, room: &str, ttl: Duration) -> Result<bool, RegistryError>;
+
+    /// Ends the caller's claim and returns the room's count as of that moment: every change made
+    /// while the claim was held is reflected in it.
+    async fn release_count(&self, room: &str) -> Result<Count, RegistryError>;
 
     /// Removes every connection of every node whose lease has lapsed, and returns the edges that
     /// crossed, each to exactly one caller however many nodes sweep at once.

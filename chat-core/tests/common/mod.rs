@@ -93,6 +93,17 @@ impl Client {
     }
 
     /// The next text frame, or `None` when the connection ended (for polling loops).
+    /// The text frames already waiting, without waiting for more.
+    pub fn drain_now(&mut self) -> Vec<Value> {
+        let mut frames = Vec::new();
+        while let Some(Some(frame)) = futures::FutureExt::now_or_never(self.rx.next()) {
+            if let Outbound::Text(text) = frame {
+                frames.push(serde_json::from_slice(&text).unwrap());
+            }
+        }
+        frames
+    }
+
     pub async fn try_recv(&mut self) -> Option<Value> {
         loop {
             match self.rx.next().await? {

@@ -1,4 +1,4 @@
--- ARGV: prefix, node, user, connection. Returns the edge's version, '' when no edge crossed, or
+-- ARGV: prefix, node, user, connection. Returns the edge ('version count'), '' when none crossed, or
 -- an error when the node holds no lease.
 local node, user, conn = ARGV[2], ARGV[3], ARGV[4]
 if not redis.call('ZSCORE', p .. ':nodes', node) then
@@ -13,6 +13,6 @@ local connections = p .. ':user:' .. user
 redis.call('SADD', connections, conn)
 if redis.call('SCARD', connections) == 1 then
   redis.call('ZADD', p .. ':online', 0, user)
-  return next_version()
+  return edge_of(p .. ':online')
 end
 return ''

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use super::{Departure, Edge, Lease, Listing, Registry, RegistryError};
+use super::{Count, Departure, Edge, Lease, Listing, Page, Registry, RegistryError};
 use crate::redis_client::{self, describe, once_more_if_unsent};
 
 /// A [`Registry`] in Redis. Cheap to clone; clones share one multiplexed connection.
@@ -51,6 +51,8 @@ struct Scripts {
     leave: Script,
     listing: Script,
     sweep: Script,
+    claim_count: Script,
+    release_count: Script,
 }
 
 impl Scripts {
@@ -63,6 +65,8 @@ impl Scripts {
             leave: script!("leave.lua"),
             listing: script!("listing.lua"),
             sweep: script!("sweep.lua"),
+            claim_count: script!("claim_count.lua"),
+            release_count: script!("release_count.lua"),
         }
     }
 }
@@ -79,17 +83,23 @@ fn version(text: &str) -> Result<u64, RegistryError> {
     text.parse().map_err(|_| malformed("a version"))
 }
 
-/// An edge's version, or `''` for none.
+fn count(text: &str) -> Result<usize, RegistryError> {
+    text.parse().map_err(|_| malformed("a count"))
+}
+
+/// An edge as `'version count'`, or `''` for none.
 fn edge(reply: &str) -> Result<Option<Edge>, RegistryError> {
     if reply.is_empty() {
         return Ok(None);
     }
+    let (at, size) = reply.split_once(' ').ok_or_else(|| malformed("an edge"))?;
     Ok(Some(Edge {
-        version: version(reply)?,
+        version: version(at)?,
+        count: count(size)?,
     }))
 }
 
-/// Reads the `'L', room, user, version` and `'O', user, version` records a script returned.
+/// Reads the `'L', room, user, 'version count'` and `'O', user, version` records a script returned.
 fn departures(reply: &[String]) -> Result<Vec<Departure>, RegistryError> {
     let mut rest = reply;
     let mut out = Vec::new();
@@ -97,10 +107,14 @@ fn departures(reply: &[String]) -> Result<Vec<Departure>, RegistryError> {
         match rest {
             [] => return Ok(out),
             [kind, room, user, at, tail @ ..] if kind == "L" => {
+                let Some(edge) = edge(at)? else {
+                    return Err(malformed("a departure"));
+                };
                 out.push(Departure::Left {
                     room: room.clone(),
                     user: user.clone(),
-                    version: version(at)?,
+                    version: edge.version,
+                    count: edge.count,
                 });
                 rest = tail;
             }
@@ -147,14 +161,22 @@ impl RedisRegistry {
         .map_err(failed)
     }
 
-    async fn listing(&self, set: &str) -> Result<Listing, RegistryError> {
-        let reply: Vec<String> = self.run(&self.scripts.listing, &[set]).await?;
-        let [at, users @ ..] = reply.as_slice() else {
+    async fn listing(&self, set: &str, page: Page<'_>) -> Result<Listing, RegistryError> {
+        // Redis takes at most a signed 64-bit count; one more than asked says whether more follow.
+        let limit = page.limit.min(1_000_000_000).to_string();
+        let after = page.after.unwrap_or_default();
+        let reply: Vec<String> = self
+            .run(&self.scripts.listing, &[set, after, &limit])
+            .await?;
+        let [at, size, users @ ..] = reply.as_slice() else {
             return Err(malformed("a listing"));
         };
+        let more = users.len() > page.limit;
         Ok(Listing {
-            users: users.to_vec(),
+            users: users.iter().take(page.limit).cloned().collect(),
             version: version(at)?,
+            count: count(size)?,
+            more,
         })
     }
 }
@@ -218,12 +240,31 @@ impl Registry for RedisRegistry {
         edge(&reply)
     }
 
-    async fn members(&self, room: &str) -> Result<Listing, RegistryError> {
-        self.listing(&format!("room:{room}")).await
+    async fn members_page(&self, room: &str, page: Page<'_>) -> Result<Listing, RegistryError> {
+        self.listing(&format!("room:{room}"), page).await
     }
 
-    async fn online(&self) -> Result<Listing, RegistryError> {
-        self.listing("online").await
+    async fn online_page(&self, page: Page<'_>) -> Result<Listing, RegistryError> {
+        self.listing("online", page).await
+    }
+
+    async fn claim_count(&self, room: &str, ttl: Duration) -> Result<bool, RegistryError> {
+        let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let claimed: i64 = self
+            .run(&self.scripts.claim_count, &[room, &ttl.to_string()])
+            .await?;
+        Ok(claimed == 1)
+    }
+
+    async fn release_count(&self, room: &str) -> Result<Count, RegistryError> {
+        let reply: Vec<String> = self.run(&self.scripts.release_count, &[room]).await?;
+        let [at, size] = reply.as_slice() else {
+            return Err(malformed("a member count"));
+        };
+        Ok(Count {
+            count: count(size)?,
+            version: version(at)?,
+        })
     }
 
     async fn sweep(&self) -> Result<Vec<Departure>, RegistryError> {
