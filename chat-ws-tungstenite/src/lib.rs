@@ -50,7 +50,7 @@ const MAX_HEAD: usize = 16 * 1024;
 /// How long a client may take to send its request head (slow-loris guard).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// tungstenite's read buffer per socket.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 /// Outgoing bytes tungstenite gathers before it writes them to the socket.
 const WRITE_BUFFER: usize = 16 * 1024;
 /// How long shutdown waits for connections to finish after closing them.
@@ -116,7 +116,7 @@ async fn connection(mut stream: TcpStream, chat: Chat) -> io::Result<()> {
     };
     let limit = chat.config().max_frame_bytes;
     // tungstenite's defaults keep a 128 KiB read buffer per socket and zero it before every
-    // read attempt; chat frames are small, so a 4 KiB buffer costs a 32nd of the memory and
+    // read attempt; chat frames are small, so a 1 KiB buffer costs a 128th of the memory and
     // of the zeroing (larger frames still arrive whole, over several reads). Frames queue in
     // the write buffer until 16 KiB or the engine's flush, so a burst is one write.
     let config = WebSocketConfig::default()

@@ -18,7 +18,7 @@
 //! crate takes hyper's pending upgrade from the request (warp serves the connection with upgrades
 //! enabled), answers the handshake itself (`Sec-WebSocket-Accept`), and builds the
 //! `WebSocketStream` over the upgraded connection with the same configuration as the
-//! tungstenite adapter: a 4 KiB read buffer, a 16 KiB write buffer and the engine's frame size
+//! tungstenite adapter: a 1 KiB read buffer, a 16 KiB write buffer and the engine's frame size
 //! limit. Frames go out as `Utf8Bytes` built from the engine's shared `Bytes`: no copy per
 //! recipient.
 //!
@@ -55,7 +55,7 @@ use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
 
 /// tungstenite's read buffer per socket (its default is 128 KiB).
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 /// Outgoing bytes tungstenite gathers before it writes them to the socket.
 const WRITE_BUFFER: usize = 16 * 1024;
 
@@ -157,7 +157,7 @@ async fn upgrade(
 async fn serve(chat: Chat, user: String, route: Route, upgraded: hyper::upgrade::Upgraded) {
     let limit = chat.config().max_frame_bytes;
     // tungstenite's defaults keep a 128 KiB read buffer per socket and zero it before every
-    // read attempt; chat frames are small, so a 4 KiB buffer costs a 32nd of the memory and of
+    // read attempt; chat frames are small, so a 1 KiB buffer costs a 128th of the memory and of
     // the zeroing (larger frames still arrive whole, over several reads). Frames queue in the
     // write buffer until 16 KiB or the engine's flush, so a burst is one write.
     let config = WebSocketConfig::default()

@@ -256,10 +256,26 @@ pub(crate) async fn start() -> Result<(Cli, Chat, tokio::net::TcpListener), std:
         std::process::ExitCode::FAILURE
     };
     let chat = cli.build().await.map_err(fail)?;
-    let listener = tokio::net::TcpListener::bind(cli.addr)
-        .await
+    let listener = listen(cli.addr)
         .map_err(|error| fail(format!("cannot listen on {}: {error}", cli.addr)))?;
     Ok((cli, chat, listener))
+}
+
+/// Connections the kernel may hold before the server accepts them. tokio's `bind` asks for 128,
+/// so a reconnect storm after a restart overflowed it and those clients waited a second for
+/// their SYN to be retried.
+const LISTEN_BACKLOG: u32 = 4_096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted server can take its port back at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Structured logs to stderr; the level comes from `RUST_LOG` (default `info`).

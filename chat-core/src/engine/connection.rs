@@ -337,6 +337,10 @@ async fn write_loop<O: Sink<Outbound> + Unpin>(
             Ok(Err(_)) => return CloseReason::TransportError,
             Err(_) => return CloseReason::SlowConsumer,
         }
+        if batch.capacity() > 64 {
+            // A burst is over: an idle connection keeps no room for the next one.
+            batch = Vec::new();
+        }
     }
 }
 
@@ -542,13 +546,15 @@ impl Connection {
                     continue;
                 }
                 _ = refresh.tick() => {
-                    self.refresh_memberships().await;
+                    Box::pin(self.refresh_memberships()).await;
                     continue;
                 }
                 _ = idle.tick() => {
                     if last_heard.elapsed() >= config.idle_timeout {
                         return Ok(CloseReason::PeerTimeout);
                     }
+                    // An idle connection gives back what a past burst of events left.
+                    lock(&self.shared).edges.tidy(Instant::now());
                     continue;
                 }
             };
@@ -593,7 +599,9 @@ impl Connection {
                     self.respond(error.reference, Ok(Err(refusal)))?;
                 }
                 Ok((frame, reference)) => {
-                    let handled = self.handle(frame).await;
+                    // Boxed: a request's state (a join's history and member pages) lives on
+                    // the heap while it runs, so an idle connection's task stays small.
+                    let handled = Box::pin(self.handle(frame)).await;
                     self.respond(reference, handled)?;
                 }
             }
@@ -1179,7 +1187,7 @@ impl Connection {
                         self.suspect_everything();
                     }
                 }
-                () = repair_due => self.repair_due().await?,
+                () = repair_due => Box::pin(self.repair_due()).await?,
                 () = self.repairs_changed.notified() => {}
                 () = interruptions.next() => self.suspect_everything(),
             }

@@ -6,22 +6,38 @@
 //! newer than both the snapshot the client was given (`joined.members`, the `online` reply: the
 //! `floor`) and the last event it passed on about the same user in the same scope.
 //!
-//! Memory is bounded: an entry is forgotten after [`MEMORY`] or when more than [`CAPACITY`] are
-//! kept. An event delayed longer than that (it never happens short of a stalled node) could then
-//! slip through; the snapshot floor still holds.
+//! Memory is bounded and small, because every connection of a busy room keeps one: an entry is
+//! forgotten after [`MEMORY`] or when more than [`CAPACITY`] are kept, and a key is a 64-bit
+//! keyed hash of `(scope, user)` rather than two strings (a collision, 2^-64 per pair with a
+//! per-process random key a peer cannot learn, could at worst hide one event). An event delayed
+//! longer than [`MEMORY`] (it never happens short of a stalled node) could slip through; the
+//! snapshot floor still holds.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// How long the newest version per user is remembered.
-const MEMORY: Duration = Duration::from_secs(600);
+/// How long the newest version per user is remembered: far longer than events ever overtake
+/// each other on their way between nodes.
+const MEMORY: Duration = Duration::from_secs(60);
 /// Most users remembered per connection.
-const CAPACITY: usize = 4_096;
+const CAPACITY: usize = 1_024;
 
-/// `(scope, user)`: the scope is a room for `member` events, empty for `presence`.
-type Key = (String, String);
+/// A keyed hash of `(scope, user)`: the scope is a room for `member` events, empty for
+/// `presence`.
+type Key = u64;
+
+fn key(scope: &str, user: &str) -> Key {
+    static SEED: OnceLock<RandomState> = OnceLock::new();
+    let mut hasher = SEED.get_or_init(RandomState::new).build_hasher();
+    hasher.write(scope.as_bytes());
+    hasher.write_u8(0xff);
+    hasher.write(user.as_bytes());
+    hasher.finish()
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct EdgeFilter {
@@ -44,7 +60,7 @@ impl EdgeFilter {
             return false;
         }
         self.forget(now);
-        let key = (scope.to_owned(), user.to_owned());
+        let key = key(scope, user);
         if self
             .newest
             .get(&key)
@@ -52,9 +68,19 @@ impl EdgeFilter {
         {
             return false;
         }
-        self.newest.insert(key.clone(), version);
+        self.newest.insert(key, version);
         self.order.push_back((now, key, version));
         true
+    }
+
+    /// Forgets what is old and gives back the memory of a burst that is over; for idle
+    /// connections, which call nothing else.
+    pub(crate) fn tidy(&mut self, now: Instant) {
+        self.forget(now);
+        if self.order.capacity() > 4 * self.order.len().max(16) {
+            self.order.shrink_to_fit();
+            self.newest.shrink_to_fit();
+        }
     }
 
     fn forget(&mut self, now: Instant) {
