@@ -6,12 +6,13 @@
 //!
 //! It speaks just enough of the protocol for `loadgen`: `joined` for any `join`, and for a
 //! `send` the next id (one counter for everything), one encoded `message` frame to every open
-//! socket and an `ack` to the sender. No rooms, no store, no authentication, no limits: each
-//! socket has an unbounded queue, so it never cuts anyone and never drops anything, and its
-//! memory grows with whatever a client does not read. What the chat servers do on top of this
-//! (membership, history, ordering across nodes, retries, bounded memory) is their cost; the
-//! comparison script (`scripts/compare.sh`) reports their numbers as a ratio of this one's,
-//! measured in the same run.
+//! socket and an `ack` to the sender (so `loadgen --mode idle` measures its memory per connection
+//! too; it keeps no history, so it cannot serve the resumes of `loadgen --mode churn`). No rooms,
+//! no store, no authentication, no limits: each socket has an unbounded queue, so it never cuts
+//! anyone and never drops anything, and its memory grows with whatever a client does not read.
+//! What the chat servers do on top of this (membership, history, ordering across nodes, retries,
+//! bounded memory) is their cost; the comparison script (`scripts/compare.sh`) reports their
+//! numbers as a ratio of this one's, measured in the same run.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 #[derive(Debug, Parser)]
@@ -73,7 +75,13 @@ async fn main() -> std::io::Result<()> {
 }
 
 async fn serve(floor: Arc<Floor>, stream: TcpStream) {
-    let Ok(socket) = tokio_tungstenite::accept_async(stream).await else {
+    // The same small buffers as the tungstenite adapter (1 KiB to read, writes gathered up to
+    // 16 KiB), not tungstenite's 128 KiB defaults: the floor's memory per connection is then
+    // what a socket, its task and its queue cost, the least any server pays.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(16 * 1024);
+    let Ok(socket) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
         return;
     };
     let (mut sink, mut stream) = socket.split();

@@ -4,32 +4,72 @@
 //! cargo run --release --example loadgen -- --url ws://127.0.0.1:8000 --clients 1000 \
 //!     --senders 100 --messages 10 --rate 1000
 //! cargo run --release --example loadgen -- --url ws://127.0.0.1:8001,ws://127.0.0.1:8002  # two nodes
+//! cargo run --release --example loadgen -- --mode churn --churn-ms 1000 --messages 50 --rate 500
+//! cargo run --release --example loadgen -- --mode idle --clients 10000 --hold-secs 30 \
+//!     --server-pid "$(pgrep -n chat-server)"
 //! ```
 //!
 //! `--clients` clients (spread over the `--url`s in turn) sign in with the development
-//! authenticator as `load-N` and join one fresh room; the first `--senders` of them each send
-//! `--messages` messages, paced to `--rate` messages per second in all (0: as fast as each
-//! sender's `--window` of unacknowledged messages allows). Every client checks what it gets: each
-//! message exactly once, in id order. It reports connect time, deliveries per second, latency
-//! (p50, p90, p99, max, from the send to each delivery), and lost and duplicated deliveries, as a
-//! table and as one JSON line. It raises its own open-file limit and connects in batches.
+//! authenticator as `load-N` and join one fresh room. Three modes:
+//!
+//! - `load` (the default): the first `--senders` clients each send `--messages` messages, paced
+//!   to `--rate` messages per second in all (0: as fast as each sender's `--window` of
+//!   unacknowledged messages allows). Every client checks what it gets: each message exactly
+//!   once, in id order. It reports connect time, deliveries per second, latency (p50, p90, p99,
+//!   max, from the send to each delivery), and lost, duplicated and out-of-order deliveries.
+//! - `churn`: the same sending, while every client (senders included) drops its socket every
+//!   `--churn-ms` milliseconds (jittered between half and one and a half times that) and
+//!   reconnects, joining again with `since` = the highest id it has seen (and paging on with
+//!   `history` `after` when the server says `more`). A sender sends its unacknowledged messages
+//!   again with the same `ref` after reconnecting, as the protocol allows. At the end every
+//!   client must have every message exactly once and in id order; it reports lost, duplicated
+//!   and out-of-order deliveries (0/0/0 expected), reconnects done, and how often the server
+//!   closed a socket itself. Latency counts live deliveries only (not those read from history).
+//! - `idle`: every client joins and then holds its connection, reading but never sending, for
+//!   `--hold-secs`. It reports how many joined and how many the server cut meanwhile (none may
+//!   be), and with `--server-pid` the server's resident memory (VmRSS) before connecting and
+//!   after all joined, and KiB per connection.
+//!
+//! Given `--server-pid`, every mode also reports the CPU time the server used (user and system,
+//! from /proc), and `load` the server's CPU microseconds per delivery: a measure of the server
+//! that the load generator's own CPU use, on the same machine, skews far less than latency.
+//!
+//! Each mode prints a table and one JSON line. The load generator raises its own open-file limit,
+//! connects in batches of `--batch`, and gives its sockets small buffers, so that 10,000 idle
+//! connections cost it little memory (127.0.0.1 offers about 28,000 source ports).
 //!
 //! The servers must run with the development authenticator and a rate limit above what each
 //! sender sends (`--rate-per-second`, `--rate-burst`).
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
+
+/// What the load generator does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Senders send while every client stays connected.
+    Load,
+    /// Senders send while every client drops its socket every `--churn-ms` and resumes.
+    Churn,
+    /// Every client joins and holds its connection without sending.
+    Idle,
+}
 
 #[derive(Debug, Parser)]
 #[command(about = "Load generator for the chat protocol")]
 struct Args {
+    /// What to do: `load`, `churn` or `idle`.
+    #[arg(long, value_enum, default_value = "load")]
+    mode: Mode,
     /// Server WebSocket base URL(s), comma-separated; clients are spread over them in turn.
     #[arg(long, value_delimiter = ',', default_value = "ws://127.0.0.1:8000")]
     url: Vec<String>,
@@ -48,7 +88,8 @@ struct Args {
     /// Unacknowledged messages a sender may have in flight when unpaced.
     #[arg(long, default_value_t = 1)]
     window: usize,
-    /// Clients connected at once while connecting.
+    /// Clients connected at once while connecting (above the server's listen backlog, 128 for a
+    /// tokio `TcpListener::bind`, the kernel drops SYNs and some connects wait a second).
     #[arg(long, default_value_t = 100)]
     batch: usize,
     /// How long to wait for the last deliveries after the last ack.
@@ -57,6 +98,25 @@ struct Args {
     /// The room (a fresh name by default, so ids start at 1).
     #[arg(long)]
     room: Option<String>,
+    /// Churn: mean milliseconds a client keeps a socket before dropping it and reconnecting.
+    #[arg(long, default_value_t = 1_000)]
+    churn_ms: u64,
+    /// Idle: seconds to hold the connections once all have joined.
+    #[arg(long, default_value_t = 30)]
+    hold_secs: u64,
+    /// Idle: seconds to wait after the last join before measuring the server's memory.
+    #[arg(long, default_value_t = 2)]
+    settle_secs: u64,
+    /// Idle: stop opening connections after this many seconds (the report says how many joined).
+    #[arg(long, default_value_t = 300)]
+    max_connect_secs: u64,
+    /// The server's process id (Linux /proc): every mode reports the CPU time it used, and
+    /// `idle` its resident memory.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Read buffer of each client socket in bytes (tungstenite's default is 128 KiB).
+    #[arg(long, default_value_t = 8 * 1024)]
+    read_buffer: usize,
 }
 
 /// The frames a client reads, just the fields it needs.
@@ -69,81 +129,196 @@ struct Frame<'a> {
     body: Option<Cow<'a, str>>,
     #[serde(rename = "ref", borrow)]
     reference: Option<Cow<'a, str>>,
+    /// `joined` (with `since`) and `history`: more stored messages follow.
+    more: Option<bool>,
+    /// `joined`: the stored messages it resumes with.
+    history: Option<Vec<Stored>>,
+    /// `history`: the page of stored messages.
+    messages: Option<Vec<Stored>>,
+}
+
+/// A stored message in `joined` or `history`.
+#[derive(Deserialize)]
+struct Stored {
+    id: u64,
+    body: String,
+}
+
+/// What a `joined` frame says a resuming client must read.
+struct Joined {
+    history: Vec<Stored>,
+    more: bool,
+}
+
+/// Which message a body names: bodies are `{sender}:{seq}:{micros since start at send}`.
+#[derive(Clone, Copy)]
+struct Plan {
+    senders: usize,
+    messages: usize,
+}
+
+impl Plan {
+    fn total(self) -> u64 {
+        (self.senders * self.messages) as u64
+    }
+
+    /// The message's number in `0..total` and when it was sent, if it is one of this run's.
+    fn parse(self, body: &str) -> Option<(u64, u64)> {
+        let mut parts = body.splitn(3, ':');
+        let sender: usize = parts.next()?.parse().ok()?;
+        let seq: usize = parts.next()?.parse().ok()?;
+        let sent: u64 = parts.next()?.parse().ok()?;
+        (sender < self.senders && seq < self.messages)
+            .then_some(((sender * self.messages + seq) as u64, sent))
+    }
 }
 
 /// What one client saw.
 #[derive(Default)]
 struct Seen {
-    /// Message ids received, as a bitset (ids of a fresh room are 1..=total).
-    ids: Vec<u64>,
+    /// The messages received (by their number in the plan, not by id), as a bitset.
+    keys: Vec<u64>,
     received: u64,
     duplicates: u64,
     out_of_order: u64,
     last_id: u64,
-    /// Microseconds from send to delivery.
+    /// Messages read from `joined` or `history` rather than live (churn).
+    from_history: u64,
+    /// Microseconds from send to delivery, live deliveries only.
     latencies: Vec<u32>,
     closed_early: bool,
 }
 
 impl Seen {
-    fn record(&mut self, id: u64, latency: u32) {
-        let (word, bit) = ((id / 64) as usize, id % 64);
-        if word >= self.ids.len() {
-            self.ids.resize(word + 1, 0);
+    /// Records message number `key` with id `id`: a second delivery of the same message (by
+    /// whatever id) is a duplicate, and a new message with an id below the last is out of order.
+    fn record(&mut self, id: u64, key: u64, latency: Option<u32>) {
+        let (word, bit) = ((key / 64) as usize, key % 64);
+        if word >= self.keys.len() {
+            self.keys.resize(word + 1, 0);
         }
-        if self.ids[word] & (1 << bit) != 0 {
+        if self.keys[word] & (1 << bit) != 0 {
             self.duplicates += 1;
             return;
         }
-        self.ids[word] |= 1 << bit;
+        self.keys[word] |= 1 << bit;
         self.received += 1;
-        if id < self.last_id {
+        if id <= self.last_id {
             self.out_of_order += 1;
         }
         self.last_id = self.last_id.max(id);
-        self.latencies.push(latency);
+        match latency {
+            Some(latency) => self.latencies.push(latency),
+            None => self.from_history += 1,
+        }
+    }
+
+    /// Records a stored message from `joined` or `history`.
+    fn record_stored(&mut self, plan: Plan, stored: &Stored) {
+        if let Some((key, _)) = plan.parse(&stored.body) {
+            self.record(stored.id, key, None);
+        }
     }
 }
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(base: &str, user: &str, room: &str) -> Result<Socket, String> {
+/// Opens a socket as `user` and joins `room` (resuming after `since` if given), and waits for
+/// `joined`, so that every message sent later reaches this client.
+async fn connect(
+    base: &str,
+    user: &str,
+    room: &str,
+    since: Option<u64>,
+    read_buffer: usize,
+) -> Result<(Socket, Joined), String> {
     let url = format!("{base}/ws?user={user}");
-    let (mut socket, _) = tokio_tungstenite::connect_async(&url)
+    // Small buffers: tungstenite's defaults (128 KiB to read, 128 KiB before a write) would make
+    // 10,000 idle clients cost the load generator gigabytes.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
+        .write_buffer_size(0);
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), true)
         .await
         .map_err(|error| format!("{url}: {error}"))?;
-    let join = serde_json::json!({"type": "join", "room": room}).to_string();
+    let join = match since {
+        Some(since) => serde_json::json!({"type": "join", "room": room, "since": since}),
+        None => serde_json::json!({"type": "join", "room": room}),
+    };
     socket
-        .send(Message::text(join))
+        .send(Message::text(join.to_string()))
         .await
-        .map_err(|error| error.to_string())?;
-    // Wait for `joined`, so that every message sent later reaches this client.
+        .map_err(|error| format!("{url}: {error}"))?;
     while let Some(message) = socket.next().await {
-        if let Ok(Message::Text(text)) = message {
-            if text.contains(r#""type":"joined""#) {
-                return Ok(socket);
-            }
+        let Ok(Message::Text(text)) = message else {
+            continue;
+        };
+        if text.contains(r#""type":"joined""#) {
+            let frame: Frame<'_> =
+                serde_json::from_str(&text).map_err(|error| format!("{url}: joined: {error}"))?;
+            let joined = Joined {
+                history: frame.history.unwrap_or_default(),
+                more: frame.more.unwrap_or(false),
+            };
+            return Ok((socket, joined));
+        }
+        if text.contains(r#""type":"error""#) {
+            return Err(format!("{url}: join refused: {text}"));
         }
     }
     Err(format!("{url}: closed before joining"))
+}
+
+/// [`connect`] with a time limit.
+async fn connect_within(
+    limit: Duration,
+    base: &str,
+    user: &str,
+    room: &str,
+    since: Option<u64>,
+    read_buffer: usize,
+) -> Result<(Socket, Joined), String> {
+    tokio::time::timeout(limit, connect(base, user, room, since, read_buffer))
+        .await
+        .unwrap_or_else(|_| Err(format!("{base}: no `joined` within {limit:?}")))
 }
 
 fn micros_since(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
+fn latency_of(start: Instant, sent: u64) -> u32 {
+    u32::try_from(micros_since(start).saturating_sub(sent)).unwrap_or(u32::MAX)
+}
+
+/// Prints at most a few of the server's errors: a thousand clients can get one each.
+fn log_error(logged: &AtomicU64, text: &str) {
+    let count = logged.fetch_add(1, Ordering::Relaxed);
+    if count < 5 {
+        eprintln!("loadgen: {text}");
+    } else if count == 5 {
+        eprintln!("loadgen: (further errors not shown)");
+    }
+}
+
 /// Reads until `expected` messages arrived or `done` says to stop waiting.
 async fn read(
     mut stream: futures::stream::SplitStream<Socket>,
     start: Instant,
-    expected: u64,
+    plan: Plan,
     deadline: Arc<AtomicU64>,
     acks: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    errors: Arc<AtomicU64>,
 ) -> Seen {
+    let expected = plan.total();
     let mut seen = Seen::default();
     loop {
         let stop_at = deadline.load(Ordering::Relaxed);
+        // A sender's reader also waits for its acks: the deadline is set once all are in.
+        if seen.received >= expected && (acks.is_none() || stop_at != u64::MAX) {
+            return seen;
+        }
         // Until the deadline is set, look again every so often: it may be set meanwhile.
         let wait = if stop_at == u64::MAX {
             Duration::from_millis(100)
@@ -177,13 +352,10 @@ async fn read(
                 let (Some(id), Some(body)) = (frame.id, frame.body) else {
                     continue;
                 };
-                // body: "{sender}:{seq}:{micros since start at send}"
-                let sent = body.rsplit(':').next().and_then(|t| t.parse::<u64>().ok());
-                let latency = sent.map_or(0, |sent| micros_since(start).saturating_sub(sent));
-                seen.record(id, u32::try_from(latency).unwrap_or(u32::MAX));
-                if seen.received >= expected && acks.is_none() {
-                    return seen;
-                }
+                let Some((key, sent)) = plan.parse(&body) else {
+                    continue;
+                };
+                seen.record(id, key, Some(latency_of(start, sent)));
             }
             "ack" => {
                 if let (Some(acks), Some(reference)) = (&acks, frame.reference) {
@@ -191,7 +363,7 @@ async fn read(
                 }
             }
             "error" => {
-                eprintln!("loadgen: server error: {text}");
+                log_error(&errors, &format!("server error: {text}"));
                 if let (Some(acks), Some(reference)) = (&acks, frame.reference) {
                     // Counted as done, so the sender does not wait forever; the loss shows.
                     let _ = acks.send(reference.into_owned());
@@ -210,23 +382,83 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[rank.min(sorted.len() - 1)]) / 1_000.0
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    if let Err(error) = rlimit::increase_nofile_limit((args.clients as u64) * 2 + 256) {
-        eprintln!("loadgen: could not raise the open-file limit: {error}");
-    }
-    let room = args.room.clone().unwrap_or_else(|| {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        format!("load-{stamp}")
-    });
-    let senders = args.senders.min(args.clients);
-    let total = (senders * args.messages) as u64;
-    let start = Instant::now();
+/// Latency percentiles in milliseconds: p50, p90, p99, max.
+fn latency_summary(latencies: &mut [u32]) -> (f64, f64, f64, f64) {
+    latencies.sort_unstable();
+    (
+        percentile(latencies, 50.0),
+        percentile(latencies, 90.0),
+        percentile(latencies, 99.0),
+        latencies.last().map_or(0.0, |l| f64::from(*l) / 1_000.0),
+    )
+}
 
-    // Connect in batches.
+/// Resident memory of a process in KiB, from `/proc/PID/status` (Linux).
+fn rss_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU seconds (user and system, all threads) a process has used, from `/proc/PID/stat`
+/// (Linux; its unit, USER_HZ, is 100 a second on every Linux ABI).
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / 100.0)
+}
+
+/// The CPU time the server (given `--server-pid`) and the load generator use from now on.
+struct CpuMeter {
+    server: Option<String>,
+    server_start: Option<f64>,
+    own_start: Option<f64>,
+}
+
+impl CpuMeter {
+    fn start(server_pid: Option<u32>) -> Self {
+        let server = server_pid.map(|pid| pid.to_string());
+        Self {
+            server_start: server.as_deref().and_then(cpu_secs),
+            own_start: cpu_secs("self"),
+            server,
+        }
+    }
+
+    /// CPU seconds used since the start: the server's and the load generator's.
+    fn used(&self) -> (Option<f64>, Option<f64>) {
+        let since = |start: Option<f64>, now: Option<f64>| Some(now? - start?);
+        (
+            since(self.server_start, self.server.as_deref().and_then(cpu_secs)),
+            since(self.own_start, cpu_secs("self")),
+        )
+    }
+}
+
+/// Microseconds of CPU per delivery.
+fn per_delivery(cpu: Option<f64>, deliveries: u64) -> Option<f64> {
+    cpu.filter(|_| deliveries > 0)
+        .map(|cpu| cpu * 1e6 / deliveries as f64)
+}
+
+/// A number for a table cell, or `-`.
+fn cell(value: Option<f64>, decimals: usize) -> String {
+    value.map_or("-".to_owned(), |value| format!("{value:.decimals$}"))
+}
+
+/// The `send` frame of message `seq` of `sender`, stamped with the time it is first sent.
+fn send_frame(room: &str, sender: usize, seq: usize, start: Instant) -> (String, String) {
+    let body = format!("{sender}:{seq}:{}", micros_since(start));
+    let reference = format!("{sender}-{seq}");
+    let frame = serde_json::json!({"type": "send", "room": room, "body": body, "ref": reference});
+    (reference, frame.to_string())
+}
+
+/// Connects every client in batches of `--batch`; the first failure ends the run.
+async fn connect_all(args: &Args, room: &str) -> Result<Vec<Socket>, String> {
     let mut sockets = Vec::with_capacity(args.clients);
     for batch in (0..args.clients)
         .collect::<Vec<_>>()
@@ -236,24 +468,88 @@ async fn main() -> std::process::ExitCode {
             .iter()
             .map(|&i| {
                 let base = args.url[i % args.url.len()].clone();
-                let room = room.clone();
-                tokio::spawn(async move { connect(&base, &format!("load-{i}"), &room).await })
+                let room = room.to_owned();
+                let read_buffer = args.read_buffer;
+                tokio::spawn(async move {
+                    let user = format!("load-{i}");
+                    connect_within(
+                        Duration::from_secs(60),
+                        &base,
+                        &user,
+                        &room,
+                        None,
+                        read_buffer,
+                    )
+                    .await
+                })
             })
             .collect();
         for connecting in connecting {
             match connecting.await {
-                Ok(Ok(socket)) => sockets.push(socket),
-                Ok(Err(error)) => {
-                    eprintln!("loadgen: cannot connect: {error}");
-                    return std::process::ExitCode::FAILURE;
-                }
-                Err(error) => {
-                    eprintln!("loadgen: {error}");
-                    return std::process::ExitCode::FAILURE;
-                }
+                Ok(Ok((socket, _))) => sockets.push(socket),
+                Ok(Err(error)) => return Err(format!("cannot connect: {error}")),
+                Err(error) => return Err(error.to_string()),
             }
         }
     }
+    Ok(sockets)
+}
+
+fn describe_rate(args: &Args) -> String {
+    if args.rate > 0.0 {
+        format!("{}/s", args.rate)
+    } else {
+        format!("unpaced (window {})", args.window)
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let wanted = args.clients as u64 + 1_024;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < args.clients as u64 + 64 => eprintln!(
+            "loadgen: the open-file limit is {limit}, too low for {} clients",
+            args.clients
+        ),
+        Ok(_) => {}
+        Err(error) => eprintln!("loadgen: could not raise the open-file limit: {error}"),
+    }
+    if args.url.is_empty() {
+        eprintln!("loadgen: no --url");
+        return std::process::ExitCode::FAILURE;
+    }
+    let room = args.room.clone().unwrap_or_else(|| {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        format!("load-{stamp}")
+    });
+    match args.mode {
+        Mode::Load => load(&args, room).await,
+        Mode::Churn => churn(&args, room).await,
+        Mode::Idle => idle(&args, room).await,
+    }
+}
+
+/// Everyone stays connected while the senders send.
+async fn load(args: &Args, room: String) -> std::process::ExitCode {
+    let senders = args.senders.min(args.clients);
+    let plan = Plan {
+        senders,
+        messages: args.messages,
+    };
+    let total = plan.total();
+    let start = Instant::now();
+    let errors = Arc::new(AtomicU64::new(0));
+
+    let sockets = match connect_all(args, &room).await {
+        Ok(sockets) => sockets,
+        Err(error) => {
+            eprintln!("loadgen: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let connect_time = start.elapsed();
 
     // Readers for everyone; senders also get their acks through a channel.
@@ -271,9 +567,10 @@ async fn main() -> std::process::ExitCode {
         readers.push(tokio::spawn(read(
             stream,
             start,
-            total,
+            plan,
             Arc::clone(&deadline),
             acks,
+            Arc::clone(&errors),
         )));
         if let Some(acked) = acked {
             writers.push((sink, acked));
@@ -283,6 +580,7 @@ async fn main() -> std::process::ExitCode {
     }
 
     // Send.
+    let cpu = CpuMeter::start(args.server_pid);
     let sending = Instant::now();
     let per_sender_interval =
         (args.rate > 0.0).then(|| Duration::from_secs_f64(senders as f64 / args.rate));
@@ -313,11 +611,8 @@ async fn main() -> std::process::ExitCode {
                             }
                         }
                     }
-                    let body = format!("{sender}:{seq}:{}", micros_since(start));
-                    let frame = serde_json::json!({
-                        "type": "send", "room": room, "body": body, "ref": format!("{sender}-{seq}")
-                    });
-                    if sink.send(Message::text(frame.to_string())).await.is_err() {
+                    let (_, frame) = send_frame(&room, sender, seq, start);
+                    if sink.send(Message::text(frame)).await.is_err() {
                         return sink;
                     }
                     in_flight += 1;
@@ -354,52 +649,635 @@ async fn main() -> std::process::ExitCode {
         }
     }
     drop(open_sinks);
+    let (server_cpu, own_cpu) = cpu.used();
     let expected = total * args.clients as u64;
     let lost = expected.saturating_sub(received);
-    latencies.sort_unstable();
+    let (p50, p90, p99, max) = latency_summary(&mut latencies);
     // Deliveries per second over the sending time plus the time the last delivery took.
-    let max_latency = latencies
-        .last()
-        .map_or(0.0, |l| f64::from(*l) / 1_000_000.0);
-    let elapsed = sent_in.as_secs_f64() + max_latency;
+    let elapsed = sent_in.as_secs_f64() + max / 1_000.0;
     let rate = received as f64 / elapsed.max(1e-9);
-    let (p50, p90, p99, max) = (
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 90.0),
-        percentile(&latencies, 99.0),
-        latencies.last().map_or(0.0, |l| f64::from(*l) / 1_000.0),
-    );
     println!(
         "loadgen: {} clients over {} server(s), {senders} senders x {} messages, rate {}",
         args.clients,
         args.url.len(),
         args.messages,
-        if args.rate > 0.0 {
-            format!("{}/s", args.rate)
-        } else {
-            format!("unpaced (window {})", args.window)
-        }
+        describe_rate(args),
     );
-    println!("| connect s | sent in s | deliveries | deliveries/s | p50 ms | p90 ms | p99 ms | max ms | lost | duplicated | out of order | closed early |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| connect s | sent in s | deliveries | deliveries/s | p50 ms | p90 ms | p99 ms | max ms | lost | duplicated | out of order | closed early | server CPU s | loadgen CPU s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {:.2} | {:.2} | {received} | {rate:.0} | {p50:.1} | {p90:.1} | {p99:.1} | {max:.1} | {lost} | {duplicates} | {out_of_order} | {closed} |",
+        "| {:.2} | {:.2} | {received} | {rate:.0} | {p50:.1} | {p90:.1} | {p99:.1} | {max:.1} | {lost} | {duplicates} | {out_of_order} | {closed} | {} | {} |",
         connect_time.as_secs_f64(),
         sent_in.as_secs_f64(),
+        cell(server_cpu, 2),
+        cell(own_cpu, 2),
     );
     println!(
         "{}",
         serde_json::json!({
+            "mode": "load",
             "clients": args.clients, "servers": args.url.len(), "senders": senders,
             "messages": args.messages, "rate": args.rate, "window": args.window,
             "connect_s": connect_time.as_secs_f64(), "sent_s": sent_in.as_secs_f64(),
             "deliveries": received, "expected": expected, "deliveries_per_s": rate,
             "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
             "lost": lost, "duplicated": duplicates, "out_of_order": out_of_order,
-            "closed_early": closed,
+            "closed_early": closed, "server_errors": errors.load(Ordering::Relaxed),
+            "server_cpu_s": server_cpu, "loadgen_cpu_s": own_cpu,
+            "server_cpu_us_per_delivery": per_delivery(server_cpu, received),
         })
     );
     if lost > 0 || duplicates > 0 || out_of_order > 0 {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
+/// A small xorshift generator for the churn jitter (no need for a crate).
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// A value in `[0, 1)`.
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Between half and one and a half times `mean`.
+    fn around(&mut self, mean: Duration) -> Duration {
+        mean.mul_f64(0.5 + self.next())
+    }
+}
+
+/// Fires once when a sender is done (or gives up), so the run knows when to start draining.
+struct DoneSignal(Option<tokio::sync::mpsc::UnboundedSender<()>>);
+
+impl DoneSignal {
+    fn fire(&mut self) {
+        if let Some(done) = self.0.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Drop for DoneSignal {
+    fn drop(&mut self) {
+        self.fire();
+    }
+}
+
+/// What every churning client shares.
+struct ChurnShared {
+    room: String,
+    plan: Plan,
+    start: Instant,
+    /// Microseconds since `start` at which to stop waiting; `u64::MAX` until the senders are done.
+    deadline: AtomicU64,
+    churn: Duration,
+    window: usize,
+    read_buffer: usize,
+    errors: AtomicU64,
+}
+
+impl ChurnShared {
+    fn past_deadline(&self) -> bool {
+        micros_since(self.start) >= self.deadline.load(Ordering::Relaxed)
+    }
+}
+
+/// A churning client's sending side.
+struct Sending {
+    index: usize,
+    next_seq: usize,
+    pace: Option<tokio::time::Interval>,
+    /// Sent and not yet acknowledged, oldest first: (ref, frame), sent again after a reconnect.
+    unacked: VecDeque<(String, String)>,
+    done: DoneSignal,
+}
+
+/// What one churning client did.
+#[derive(Default)]
+struct ChurnReport {
+    seen: Seen,
+    reconnects: u64,
+    server_closes: u64,
+    connect_failures: u64,
+    send_errors: u64,
+    gave_up: bool,
+}
+
+/// How a socket's session ended.
+enum SessionEnd {
+    /// This client has everything it waits for, or the deadline passed.
+    Done,
+    /// The churn timer: the client dropped the socket.
+    Dropped,
+    /// The server closed the socket, or it broke.
+    Closed,
+}
+
+/// Senders send while every client drops its socket now and then and resumes with `since`.
+async fn churn(args: &Args, room: String) -> std::process::ExitCode {
+    let senders = args.senders.min(args.clients);
+    let plan = Plan {
+        senders,
+        messages: args.messages,
+    };
+    let start = Instant::now();
+    let sockets = match connect_all(args, &room).await {
+        Ok(sockets) => sockets,
+        Err(error) => {
+            eprintln!("loadgen: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let connect_time = start.elapsed();
+    let shared = Arc::new(ChurnShared {
+        room,
+        plan,
+        start,
+        deadline: AtomicU64::new(u64::MAX),
+        churn: Duration::from_millis(args.churn_ms.max(1)),
+        window: args.window.max(1),
+        read_buffer: args.read_buffer,
+        errors: AtomicU64::new(0),
+    });
+    let cpu = CpuMeter::start(args.server_pid);
+    let sending = Instant::now();
+    let per_sender_interval =
+        (args.rate > 0.0).then(|| Duration::from_secs_f64(senders as f64 / args.rate));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let clients: Vec<_> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, socket)| {
+            let sender = (i < senders).then(|| Sending {
+                index: i,
+                next_seq: 0,
+                pace: per_sender_interval.map(|interval| {
+                    let offset = interval.mul_f64(i as f64 / senders.max(1) as f64);
+                    tokio::time::interval_at(tokio::time::Instant::now() + offset, interval)
+                }),
+                unacked: VecDeque::new(),
+                done: DoneSignal(Some(done_tx.clone())),
+            });
+            let base = args.url[i % args.url.len()].clone();
+            tokio::spawn(churn_client(Arc::clone(&shared), i, base, socket, sender))
+        })
+        .collect();
+    drop(done_tx);
+    // Every sender fires once (when done, or when its task ends anyway); then drain.
+    while done_rx.recv().await.is_some() {}
+    let sent_in = sending.elapsed();
+    shared.deadline.store(
+        micros_since(start) + args.drain_secs * 1_000_000,
+        Ordering::Relaxed,
+    );
+
+    let mut latencies = Vec::new();
+    let mut total = ChurnReport::default();
+    let mut gave_up = 0u64;
+    for client in clients {
+        let Ok(mut report) = client.await else {
+            gave_up += 1;
+            continue;
+        };
+        total.seen.received += report.seen.received;
+        total.seen.duplicates += report.seen.duplicates;
+        total.seen.out_of_order += report.seen.out_of_order;
+        total.seen.from_history += report.seen.from_history;
+        total.reconnects += report.reconnects;
+        total.server_closes += report.server_closes;
+        total.connect_failures += report.connect_failures;
+        total.send_errors += report.send_errors;
+        gave_up += u64::from(report.gave_up);
+        latencies.append(&mut report.seen.latencies);
+    }
+    let (server_cpu, own_cpu) = cpu.used();
+    let expected = plan.total() * args.clients as u64;
+    let received = total.seen.received;
+    let lost = expected.saturating_sub(received);
+    let (duplicates, out_of_order) = (total.seen.duplicates, total.seen.out_of_order);
+    let (p50, p90, p99, max) = latency_summary(&mut latencies);
+    println!(
+        "loadgen churn: {} clients over {} server(s), each dropping its socket every ~{} ms; {senders} senders x {} messages, rate {}",
+        args.clients,
+        args.url.len(),
+        args.churn_ms,
+        args.messages,
+        describe_rate(args),
+    );
+    println!("| connect s | sent in s | deliveries | from history | reconnects | server closes | connect failures | live p50 ms | live p99 ms | live max ms | lost | duplicated | out of order |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {:.2} | {:.2} | {received} | {} | {} | {} | {} | {p50:.1} | {p99:.1} | {max:.1} | {lost} | {duplicates} | {out_of_order} |",
+        connect_time.as_secs_f64(),
+        sent_in.as_secs_f64(),
+        total.seen.from_history,
+        total.reconnects,
+        total.server_closes,
+        total.connect_failures,
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "churn",
+            "clients": args.clients, "servers": args.url.len(), "senders": senders,
+            "messages": args.messages, "rate": args.rate, "window": args.window,
+            "churn_ms": args.churn_ms,
+            "connect_s": connect_time.as_secs_f64(), "sent_s": sent_in.as_secs_f64(),
+            "deliveries": received, "expected": expected, "from_history": total.seen.from_history,
+            "reconnects": total.reconnects, "server_closes": total.server_closes,
+            "connect_failures": total.connect_failures, "gave_up": gave_up,
+            "send_errors": total.send_errors,
+            "server_errors": shared.errors.load(Ordering::Relaxed),
+            "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
+            "lost": lost, "duplicated": duplicates, "out_of_order": out_of_order,
+            "server_cpu_s": server_cpu, "loadgen_cpu_s": own_cpu,
+        })
+    );
+    if lost > 0 || duplicates > 0 || out_of_order > 0 {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
+/// Asks for the stored messages after `after` (the rest of a resume the server cut short).
+async fn request_history(socket: &mut Socket, room: &str, after: u64) -> bool {
+    let frame = serde_json::json!({"type": "history", "room": room, "after": after, "limit": 100});
+    socket.send(Message::text(frame.to_string())).await.is_ok()
+}
+
+/// Forgets the send that `reference` acknowledges (or refuses); true if it was waiting.
+fn settle(sender: Option<&mut Sending>, reference: Option<&str>) -> bool {
+    let (Some(sender), Some(reference)) = (sender, reference) else {
+        return false;
+    };
+    match sender.unacked.iter().position(|(r, _)| r == reference) {
+        Some(at) => {
+            sender.unacked.remove(at);
+            true
+        }
+        None => false,
+    }
+}
+
+/// One churning client: it reads, sends if it is a sender, and drops its socket and resumes
+/// until it has every message (and, as a sender, every ack) or the deadline passes.
+async fn churn_client(
+    shared: Arc<ChurnShared>,
+    index: usize,
+    base: String,
+    mut socket: Socket,
+    mut sender: Option<Sending>,
+) -> ChurnReport {
+    let user = format!("load-{index}");
+    let plan = shared.plan;
+    let total = plan.total();
+    let mut jitter = Jitter::new(index as u64 + 1);
+    let mut report = ChurnReport::default();
+    // While a resume pages through `history`, live messages wait here: (id, key, latency).
+    let mut paging = false;
+    let mut held: Vec<(u64, u64, u32)> = Vec::new();
+    loop {
+        let drop_at = tokio::time::Instant::now() + jitter.around(shared.churn);
+        let mut check = tokio::time::interval(Duration::from_millis(100));
+        let end = 'session: loop {
+            let sending_done = sender
+                .as_ref()
+                .is_none_or(|s| s.next_seq >= plan.messages && s.unacked.is_empty());
+            if let Some(sender) = sender.as_mut().filter(|_| sending_done) {
+                sender.done.fire();
+            }
+            if sending_done && report.seen.received >= total {
+                break SessionEnd::Done;
+            }
+            let can_send = sender.as_ref().is_some_and(|s| {
+                s.next_seq < plan.messages && (s.pace.is_some() || s.unacked.len() < shared.window)
+            });
+            tokio::select! {
+                _ = tokio::time::sleep_until(drop_at) => break SessionEnd::Dropped,
+                _ = check.tick() => {
+                    if shared.past_deadline() {
+                        break SessionEnd::Done;
+                    }
+                }
+                () = async {
+                    if let Some(pace) = sender.as_mut().and_then(|s| s.pace.as_mut()) {
+                        pace.tick().await;
+                    }
+                }, if can_send => {
+                    let Some(sender) = sender.as_mut() else { continue };
+                    let (reference, frame) =
+                        send_frame(&shared.room, sender.index, sender.next_seq, shared.start);
+                    sender.next_seq += 1;
+                    sender.unacked.push_back((reference, frame.clone()));
+                    if socket.send(Message::text(frame)).await.is_err() {
+                        break SessionEnd::Closed;
+                    }
+                }
+                message = socket.next() => {
+                    let text = match message {
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(Message::Close(_)) | Err(_)) | None => break SessionEnd::Closed,
+                        Some(Ok(_)) => continue,
+                    };
+                    let Ok(frame) = serde_json::from_str::<Frame<'_>>(&text) else {
+                        continue;
+                    };
+                    match frame.kind.as_ref() {
+                        "message" => {
+                            let (Some(id), Some(body)) = (frame.id, frame.body) else {
+                                continue;
+                            };
+                            let Some((key, sent)) = plan.parse(&body) else { continue };
+                            let latency = latency_of(shared.start, sent);
+                            if paging {
+                                held.push((id, key, latency));
+                            } else {
+                                report.seen.record(id, key, Some(latency));
+                            }
+                        }
+                        "history" => {
+                            for stored in frame.messages.iter().flatten() {
+                                report.seen.record_stored(plan, stored);
+                            }
+                            let last = report.seen.last_id;
+                            if frame.more.unwrap_or(false) {
+                                if !request_history(&mut socket, &shared.room, last).await {
+                                    break 'session SessionEnd::Closed;
+                                }
+                            } else {
+                                paging = false;
+                                // Live messages that the pages held too are not duplicates:
+                                // they were read twice by design, once each way.
+                                for (id, key, latency) in held.drain(..) {
+                                    if id > report.seen.last_id {
+                                        report.seen.record(id, key, Some(latency));
+                                    }
+                                }
+                            }
+                        }
+                        "ack" => {
+                            settle(sender.as_mut(), frame.reference.as_deref());
+                        }
+                        "error" => {
+                            log_error(&shared.errors, &format!("server error: {text}"));
+                            // Not sent again: the loss shows.
+                            if settle(sender.as_mut(), frame.reference.as_deref()) {
+                                report.send_errors += 1;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        };
+        match end {
+            SessionEnd::Done => return report,
+            SessionEnd::Dropped => report.reconnects += 1,
+            SessionEnd::Closed => report.server_closes += 1,
+        }
+        drop(socket);
+        // Live messages held for an unfinished resume are read again from `since`.
+        paging = false;
+        held.clear();
+        socket = loop {
+            if shared.past_deadline() {
+                report.gave_up = true;
+                return report;
+            }
+            match connect_within(
+                Duration::from_secs(10),
+                &base,
+                &user,
+                &shared.room,
+                Some(report.seen.last_id),
+                shared.read_buffer,
+            )
+            .await
+            {
+                Ok((mut socket, joined)) => {
+                    for stored in &joined.history {
+                        report.seen.record_stored(plan, stored);
+                    }
+                    let mut alive = true;
+                    if joined.more {
+                        paging = true;
+                        alive =
+                            request_history(&mut socket, &shared.room, report.seen.last_id).await;
+                    }
+                    // Unacknowledged sends go again with the same ref: the server delivers
+                    // each ref once, and acks a repeat with the first attempt's id.
+                    if let Some(sender) = sender.as_ref() {
+                        for (_, frame) in &sender.unacked {
+                            alive =
+                                alive && socket.feed(Message::text(frame.clone())).await.is_ok();
+                        }
+                        alive = alive && socket.flush().await.is_ok();
+                    }
+                    if alive {
+                        break socket;
+                    }
+                    report.connect_failures += 1;
+                }
+                Err(error) => {
+                    report.connect_failures += 1;
+                    log_error(&shared.errors, &format!("reconnect: {error}"));
+                    tokio::time::sleep(jitter.around(Duration::from_millis(200))).await;
+                }
+            }
+        };
+    }
+}
+
+/// How one idle connection ended.
+#[derive(Default)]
+struct IdleOutcome {
+    joined: bool,
+    /// The server closed it (or it broke) while it was held: the close code and reason, if any.
+    cut: Option<String>,
+    frames: u64,
+}
+
+/// One idle client: joins, then reads (answering pings) until told to stop.
+async fn idle_client(
+    base: String,
+    user: String,
+    room: String,
+    read_buffer: usize,
+    joined: tokio::sync::oneshot::Sender<Result<(), String>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> IdleOutcome {
+    let mut outcome = IdleOutcome::default();
+    let mut socket = match connect_within(
+        Duration::from_secs(60),
+        &base,
+        &user,
+        &room,
+        None,
+        read_buffer,
+    )
+    .await
+    {
+        Ok((socket, _)) => {
+            let _ = joined.send(Ok(()));
+            socket
+        }
+        Err(error) => {
+            let _ = joined.send(Err(error));
+            return outcome;
+        }
+    };
+    outcome.joined = true;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return outcome,
+            message = socket.next() => match message {
+                Some(Ok(Message::Close(frame))) => {
+                    outcome.cut = Some(frame.map_or_else(
+                        || "close without a code".to_owned(),
+                        |frame| format!("close {} {}", u16::from(frame.code), frame.reason),
+                    ));
+                    return outcome;
+                }
+                Some(Ok(_)) => outcome.frames += 1,
+                Some(Err(error)) => {
+                    outcome.cut = Some(error.to_string());
+                    return outcome;
+                }
+                None => {
+                    outcome.cut = Some("end of stream".to_owned());
+                    return outcome;
+                }
+            },
+        }
+    }
+}
+
+/// Every client joins and holds its connection without sending.
+async fn idle(args: &Args, room: String) -> std::process::ExitCode {
+    let pid = args.server_pid.map(|pid| pid.to_string());
+    let server_rss = || pid.as_deref().and_then(rss_kib);
+    let rss_before = server_rss();
+    if pid.is_some() && rss_before.is_none() {
+        eprintln!("loadgen: cannot read the server's VmRSS from /proc (--server-pid)");
+    }
+    let cpu = CpuMeter::start(args.server_pid);
+    let start = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut clients = Vec::with_capacity(args.clients);
+    let (mut joined, mut failed) = (0u64, 0u64);
+    let errors = AtomicU64::new(0);
+    let mut connecting_stopped = false;
+    for batch in (0..args.clients)
+        .collect::<Vec<_>>()
+        .chunks(args.batch.max(1))
+    {
+        if start.elapsed() >= Duration::from_secs(args.max_connect_secs) {
+            eprintln!(
+                "loadgen: stopped connecting after {} s (--max-connect-secs), {joined} joined",
+                args.max_connect_secs
+            );
+            connecting_stopped = true;
+            break;
+        }
+        let mut waiting = Vec::with_capacity(batch.len());
+        for &i in batch {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            clients.push(tokio::spawn(idle_client(
+                args.url[i % args.url.len()].clone(),
+                format!("load-{i}"),
+                room.clone(),
+                args.read_buffer,
+                tx,
+                stop_rx.clone(),
+            )));
+            waiting.push(rx);
+        }
+        for rx in waiting {
+            match rx.await {
+                Ok(Ok(())) => joined += 1,
+                Ok(Err(error)) => {
+                    failed += 1;
+                    log_error(&errors, &format!("cannot connect: {error}"));
+                }
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    let connect_time = start.elapsed();
+    let (join_cpu, _) = cpu.used();
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+    let rss_joined = server_rss();
+    let own_rss = rss_kib("self");
+    tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
+    let rss_end = server_rss();
+    let _ = stop_tx.send(true);
+    let (mut cut, mut frames) = (0u64, 0u64);
+    let mut first_cut = None;
+    for client in clients {
+        let Ok(outcome) = client.await else { continue };
+        frames += outcome.frames;
+        if outcome.joined {
+            if let Some(reason) = outcome.cut {
+                cut += 1;
+                first_cut.get_or_insert(reason);
+            }
+        }
+    }
+    let still = joined - cut;
+    let per_connection = match (rss_before, rss_joined) {
+        (Some(before), Some(after)) if joined > 0 => {
+            Some(after.saturating_sub(before) as f64 / joined as f64)
+        }
+        _ => None,
+    };
+    let show = |kib: Option<u64>| kib.map_or("-".to_owned(), |kib| kib.to_string());
+    println!(
+        "loadgen idle: {} connections over {} server(s) in one room, held {} s",
+        args.clients,
+        args.url.len(),
+        args.hold_secs
+    );
+    println!("| connections | joined | failed | cut | still connected | connect s | server CPU s to join | server RSS before KiB | after joining KiB | at the end KiB | KiB per connection | loadgen RSS KiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {joined} | {failed} | {cut} | {still} | {:.2} | {} | {} | {} | {} | {} | {} |",
+        args.clients,
+        connect_time.as_secs_f64(),
+        cell(join_cpu, 2),
+        show(rss_before),
+        show(rss_joined),
+        show(rss_end),
+        cell(per_connection, 1),
+        show(own_rss),
+    );
+    if let Some(reason) = &first_cut {
+        eprintln!("loadgen: first cut connection: {reason}");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "idle",
+            "clients": args.clients, "servers": args.url.len(), "hold_s": args.hold_secs,
+            "joined": joined, "failed": failed, "cut": cut, "still_connected": still,
+            "first_cut": first_cut, "frames": frames, "connecting_stopped": connecting_stopped,
+            "connect_s": connect_time.as_secs_f64(), "server_cpu_join_s": join_cpu,
+            "server_rss_before_kib": rss_before, "server_rss_joined_kib": rss_joined,
+            "server_rss_end_kib": rss_end, "kib_per_connection": per_connection,
+            "loadgen_rss_kib": own_rss,
+        })
+    );
+    if failed > 0 || cut > 0 || connecting_stopped {
         std::process::ExitCode::FAILURE
     } else {
         std::process::ExitCode::SUCCESS
