@@ -11,6 +11,9 @@
 //! tungstenite. Frames go out as `Utf8Bytes` built from the engine's shared `Bytes`: no copy per
 //! recipient.
 //!
+//! [`websocket_config`] and [`serve_websocket`] are the part after the handshake, public so that
+//! chat-ws-warp, which completes its upgrade through hyper, speaks to the socket the same way.
+//!
 //! On shutdown (the future passed to [`serve`] completes) it stops accepting, closes every socket
 //! with 1001 through [`Chat::shutdown`], and waits a few seconds for connections to finish.
 //!
@@ -44,6 +47,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
 
 /// Largest request head accepted before the upgrade.
 const MAX_HEAD: usize = 16 * 1024;
@@ -114,27 +118,43 @@ async fn connection(mut stream: TcpStream, chat: Chat) -> io::Result<()> {
             return respond(&mut stream, "401 Unauthorized", &error.to_string()).await;
         }
     };
-    let limit = chat.config().max_frame_bytes;
-    // tungstenite's defaults keep a 128 KiB read buffer per socket and zero it before every
-    // read attempt; chat frames are small, so a 1 KiB buffer costs a 128th of the memory and
-    // of the zeroing (larger frames still arrive whole, over several reads). Frames queue in
-    // the write buffer until 16 KiB or the engine's flush, so a burst is one write.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_frame_size(Some(limit))
-        .max_message_size(Some(limit));
     let replayed = Replayed {
         head,
         at: 0,
         inner: stream,
     };
+    let config = websocket_config(&chat);
     let socket = tokio_tungstenite::accept_async_with_config(replayed, Some(config))
         .await
         .map_err(io::Error::other)?;
-    chat.serve_socket(Session::new(user, route), socket, inbound, outbound)
-        .await;
+    serve_websocket(&chat, Session::new(user, route), socket).await;
     Ok(())
+}
+
+/// The WebSocket settings of a chat socket: the engine's frame size limit, and buffers sized
+/// for many mostly idle connections.
+///
+/// tungstenite's defaults keep a 128 KiB read buffer per socket and zero it before every read
+/// attempt; chat frames are small, so a 1 KiB buffer costs a 128th of the memory and of the
+/// zeroing (larger frames still arrive whole, over several reads). Frames queue in the write
+/// buffer until 16 KiB or the engine's flush, so a burst is one write.
+pub fn websocket_config(chat: &Chat) -> WebSocketConfig {
+    let limit = chat.config().max_frame_bytes;
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_frame_size(Some(limit))
+        .max_message_size(Some(limit))
+}
+
+/// Speaks the chat protocol on a server-side WebSocket whose handshake is done (best built with
+/// [`websocket_config`]), until the connection ends. Frames go out as `Utf8Bytes` over the
+/// engine's shared `Bytes`: no copy per recipient.
+pub async fn serve_websocket<S>(chat: &Chat, session: Session, socket: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    chat.serve_socket(session, socket, inbound, outbound).await;
 }
 
 /// Reads until the end of the request head (`\r\n\r\n`), at most [`MAX_HEAD`] bytes. The
@@ -304,5 +324,14 @@ mod tests {
         assert_eq!(route(&handshake.path), None);
         let handshake = parse_head(b"GET /ws HTTP/1.1\r\n\r\n").unwrap();
         assert_eq!(route(&handshake.path), Some(Route::Lobby));
+    }
+
+    #[test]
+    fn engine_text_goes_out_without_a_copy() {
+        let text = Bytes::from_static(br#"{"type":"welcome"}"#);
+        let Message::Text(sent) = outbound(Outbound::Text(text.clone())) else {
+            panic!("not a text frame");
+        };
+        assert_eq!(Bytes::from(sent).as_ptr(), text.as_ptr());
     }
 }

@@ -34,16 +34,13 @@
 //! # }
 //! ```
 
-use bytes::Bytes;
 use chat_core::auth::Handshake;
-use chat_core::engine::{route, Inbound, Outbound, Route, Session};
+use chat_core::engine::{route, Route, Session};
 use chat_core::Chat;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use warp::filters::path::FullPath;
 use warp::http::header::{
@@ -53,11 +50,6 @@ use warp::http::header::{
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
-
-/// tungstenite's read buffer per socket (its default is 128 KiB).
-const READ_BUFFER: usize = 1024;
-/// Outgoing bytes tungstenite gathers before it writes them to the socket.
-const WRITE_BUFFER: usize = 16 * 1024;
 
 /// The chat endpoints as a warp filter: `/ws` and `/ws/chat/{room}/`. Compose it with the host's
 /// own routes with `.or(...)`.
@@ -155,20 +147,11 @@ async fn upgrade(
 }
 
 async fn serve(chat: Chat, user: String, route: Route, upgraded: hyper::upgrade::Upgraded) {
-    let limit = chat.config().max_frame_bytes;
-    // tungstenite's defaults keep a 128 KiB read buffer per socket and zero it before every
-    // read attempt; chat frames are small, so a 1 KiB buffer costs a 128th of the memory and of
-    // the zeroing (larger frames still arrive whole, over several reads). Frames queue in the
-    // write buffer until 16 KiB or the engine's flush, so a burst is one write.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_frame_size(Some(limit))
-        .max_message_size(Some(limit));
+    // The same socket settings and frame mapping as the tungstenite adapter.
+    let config = chat_ws_tungstenite::websocket_config(&chat);
     let socket =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-    chat.serve_socket(Session::new(user, route), socket, inbound, outbound)
-        .await;
+    chat_ws_tungstenite::serve_websocket(&chat, Session::new(user, route), socket).await;
 }
 
 /// Why an upgrade request was refused: the 400 reply's body.
@@ -258,38 +241,6 @@ fn is_valid_key(key: &[u8]) -> bool {
             symbols.iter().all(is_symbol) && matches!(last, b'A' | b'Q' | b'g' | b'w')
         }
         _ => false,
-    }
-}
-
-/// One socket message as the engine sees it; `None` ends the stream (close, or a broken socket).
-fn inbound(message: Result<Message, WsError>) -> Option<Inbound> {
-    match message {
-        Ok(Message::Text(text)) => Some(Inbound::Text(Bytes::from(text))),
-        Ok(Message::Binary(data)) => Some(Inbound::Binary(data)),
-        // tungstenite answers pings itself; both prove the peer is alive.
-        Ok(Message::Ping(_) | Message::Pong(_)) => Some(Inbound::Pong),
-        Ok(Message::Close(_)) => None,
-        Ok(Message::Frame(_)) => Some(Inbound::Pong),
-        Err(WsError::Capacity(_)) => Some(Inbound::TooLarge),
-        Err(error) => {
-            tracing::debug!(%error, "socket read failed");
-            None
-        }
-    }
-}
-
-fn outbound(frame: Outbound) -> Message {
-    match frame {
-        // Shares the engine's bytes: a UTF-8 check, no copy.
-        Outbound::Text(text) => match Utf8Bytes::try_from(text) {
-            Ok(text) => Message::Text(text),
-            Err(_) => Message::Text(Utf8Bytes::from_static("")),
-        },
-        Outbound::Ping => Message::Ping(Bytes::new()),
-        Outbound::Close { code, reason } => Message::Close(Some(CloseFrame {
-            code: CloseCode::from(code),
-            reason: Utf8Bytes::from_static(reason),
-        })),
     }
 }
 
@@ -389,14 +340,5 @@ mod tests {
             HeaderValue::from_bytes(b"\xff\xfe").unwrap(),
         );
         assert_eq!(accept_key(&headers).unwrap_err(), Refusal::BadKey);
-    }
-
-    #[test]
-    fn engine_text_goes_out_without_a_copy() {
-        let text = Bytes::from_static(br#"{"type":"welcome"}"#);
-        let Message::Text(sent) = outbound(Outbound::Text(text.clone())) else {
-            panic!("not a text frame");
-        };
-        assert_eq!(Bytes::from(sent).as_ptr(), text.as_ptr());
     }
 }

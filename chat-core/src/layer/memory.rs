@@ -649,6 +649,7 @@ impl InMemoryChannelLayer {
     /// Whether `group` has any member (lapsed ones included until a `group_send` prunes them).
     /// A networked layer that fans out locally asks this to know when to stop listing this
     /// process as having members.
+    #[cfg(feature = "redis")]
     pub(crate) fn has_members(&self, group: &str) -> bool {
         lock(&self.shared.registry).groups.contains_key(group)
     }
