@@ -211,6 +211,9 @@ impl Core {
             .store(now.saturating_add(self.period / 2), Ordering::Relaxed);
         if !horizon.watchdog {
             horizon.watchdog = true;
+            // Unlocked first: a runtime that is shutting down drops the task inside `spawn`,
+            // and the guard's drop takes this lock (holding it here deadlocked the thread).
+            drop(horizon);
             // The guard is moved into the future now, so even a task that is never polled
             // (its runtime shuts down first) withdraws the promise when it is dropped.
             runtime.spawn(watchdog(WatchdogGuard(Arc::clone(self))));
@@ -841,6 +844,43 @@ mod tests {
 
     fn layer(expiry: Duration) -> InMemoryChannelLayer {
         InMemoryChannelLayer::new(LayerConfig::default().with_expiry(expiry))
+    }
+
+    /// A send made while its runtime shuts down (from a task's drop, as connection cleanup
+    /// does) used to spawn the watchdog under the horizon's lock; the closed runtime drops the
+    /// task inside `spawn`, the guard's drop took the same lock, and the thread hung.
+    #[test]
+    fn a_send_while_the_runtime_shuts_down_does_not_hang() {
+        struct SendOnDrop(InMemoryChannelLayer, String);
+        impl Drop for SendOnDrop {
+            fn drop(&mut self) {
+                let send = self.0.send(&self.1, Bytes::from_static(b"bye"));
+                let _ = futures::executor::block_on(send);
+            }
+        }
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_time()
+                .build()
+                .unwrap();
+            let layer = layer(Duration::from_secs(60));
+            let sub = runtime.block_on(layer.new_channel("conn")).unwrap();
+            let on_drop = SendOnDrop(layer.clone(), sub.name().to_owned());
+            // Never finishes: dropped, and so sending, when the runtime shuts down.
+            runtime.spawn(async move {
+                let _on_drop = on_drop;
+                std::future::pending::<()>().await;
+            });
+            drop(runtime);
+            let _ = done.send(());
+            drop(sub);
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the runtime's shutdown hung"
+        );
     }
 
     #[tokio::test(start_paused = true)]
