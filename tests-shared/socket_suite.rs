@@ -497,6 +497,253 @@ async fn churning_reader(addr: SocketAddr, user: String, total: u64, seed: u64) 
     reconnects
 }
 
+/// Sends `request` as is and returns the whole response (the server closes after it).
+pub async fn raw(addr: SocketAddr, request: impl AsRef<[u8]>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_ref()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut response),
+    )
+    .await
+    .expect("no response in time")
+    .unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// An upgrade request for `path` with `headers` (each "Name: value"), closing after the reply.
+pub fn upgrade_request(version: &str, path: &str, headers: &[&str]) -> String {
+    let mut request = format!("GET {path} {version}\r\nHost: x\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    request
+}
+
+pub const CONNECTION: &str = "Connection: Upgrade";
+pub const UPGRADE: &str = "Upgrade: websocket";
+pub const VERSION: &str = "Sec-WebSocket-Version: 13";
+pub const KEY: &str = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==";
+
+/// The reply to a well-formed upgrade request over HTTP/1.0.
+pub async fn http_1_0_upgrade(addr: SocketAddr) -> String {
+    let request = upgrade_request(
+        "HTTP/1.0",
+        "/ws?user=alice",
+        &[CONNECTION, UPGRADE, VERSION, KEY],
+    );
+    raw(addr, &request).await
+}
+
+pub async fn malformed_upgrades_get_400_with_the_reason(addr: SocketAddr) {
+    let cases: [(&[&str], &str); 8] = [
+        (&[UPGRADE, VERSION, KEY], "Connection header"),
+        (
+            &["Connection: keep-alive", UPGRADE, VERSION, KEY],
+            "Connection header",
+        ),
+        (&[CONNECTION, VERSION, KEY], "Upgrade header"),
+        (
+            &[CONNECTION, "Upgrade: h2c", VERSION, KEY],
+            "Upgrade header",
+        ),
+        (
+            &[CONNECTION, UPGRADE, KEY],
+            "Sec-WebSocket-Version must be 13",
+        ),
+        (
+            &[CONNECTION, UPGRADE, "Sec-WebSocket-Version: 8", KEY],
+            "Sec-WebSocket-Version must be 13",
+        ),
+        (
+            &[CONNECTION, UPGRADE, VERSION],
+            "Sec-WebSocket-Key header is missing",
+        ),
+        (
+            &[CONNECTION, UPGRADE, VERSION, "Sec-WebSocket-Key: short"],
+            "16 bytes in base64",
+        ),
+    ];
+    for (headers, reason) in cases {
+        let mut all = headers.to_vec();
+        all.push("Connection: close");
+        let response = raw(addr, &upgrade_request("HTTP/1.1", "/ws?user=alice", &all)).await;
+        assert!(
+            response.starts_with("HTTP/1.1 400"),
+            "{headers:?}: {response}"
+        );
+        assert!(response.contains(reason), "{headers:?}: {response}");
+    }
+    let response = raw(
+        addr,
+        &upgrade_request(
+            "HTTP/1.1",
+            "/ws?user=alice",
+            &[
+                CONNECTION,
+                UPGRADE,
+                "Sec-WebSocket-Version: 8",
+                KEY,
+                "Connection: close",
+            ],
+        ),
+    )
+    .await;
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{response}"
+    );
+    // HTTP/1.0 has no upgrades.
+    let response = http_1_0_upgrade(addr).await;
+    assert!(response.contains(" 400 "), "{response}");
+    // Garbage in the path or headers is refused; nothing panics.
+    let response = raw(addr, b"GET /ws?user=\xff HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    let response = raw(
+        addr,
+        b"GET /ws?user=alice HTTP/1.1\r\nHost: x\r\nConnection: \xffupgrade\r\n\
+          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(response.contains("Connection header"), "{response}");
+    let response = raw(
+        addr,
+        b"GET /ws?user=alice HTTP/1.1\r\nHost: x\r\nConnection: upgrade, close\r\n\
+          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: \xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6\xf5\xf4\xf3\xf2\xf1\xf0\xef\xee\xed\xec\xeb\xea==\r\n\r\n",
+    )
+    .await;
+    assert!(response.contains("16 bytes in base64"), "{response}");
+    // The server still works.
+    let mut alice = connect(addr, "alice").await;
+    alice.join("lobby").await;
+}
+
+/// The RFC's sample handshake, with a first frame sent at once behind the request (before the
+/// 101 arrives): the server answers the handshake and reads that frame.
+pub async fn the_upgrade_answers_the_rfc_handshake_and_speaks_websocket(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = upgrade_request(
+        "HTTP/1.1",
+        "/ws?user=alice",
+        &[
+            "Connection: keep-alive, Upgrade",
+            "Upgrade: WebSocket",
+            VERSION,
+            KEY,
+        ],
+    );
+    let mut hasty = request.into_bytes();
+    hasty.extend(masked_text(r#"{"type":"join","room":"lobby"}"#));
+    stream.write_all(&hasty).await.unwrap();
+    let mut response = Vec::new();
+    while !response.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1);
+        response.push(byte[0]);
+    }
+    let response = String::from_utf8(response).unwrap().to_ascii_lowercase();
+    assert!(response.starts_with("http/1.1 101"), "{response}");
+    // RFC 6455 §1.3's sample key and its answer.
+    assert!(
+        response.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{response}"
+    );
+    assert!(response.contains("upgrade: websocket"), "{response}");
+    let socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    let mut alice = Socket { ws: socket };
+    let welcome = alice.recv_type("welcome").await;
+    assert_eq!(welcome["user"], "alice");
+    let joined = alice.recv_type("joined").await;
+    assert_eq!(joined["room"], "lobby");
+}
+
+/// A client's text frame, masked as RFC 6455 requires of clients (payloads under 126 bytes).
+fn masked_text(text: &str) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x81, 0x80 | u8::try_from(text.len()).unwrap()];
+    frame.extend(mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// The server writes its frames itself: a header of every length form (7, 16 and 64 bits), a
+/// reader that lets a burst pile up (partial writes), the client's pings answered.
+pub async fn frames_of_every_size_arrive_whole_and_in_order(addr: SocketAddr) {
+    let mut alice = connect(addr, "alice").await;
+    let mut bob = connect(addr, "bob").await;
+    // Bob first, so that alice hears no `member` event between her echoes and acks.
+    bob.join("sizes").await;
+    alice.join("sizes").await;
+    // Bob reads nothing while alice sends: the server's writes to him fill his socket.
+    let sizes = [0usize, 1, 125, 126, 127, 1000, 4000];
+    let mut sent = Vec::new();
+    for round in 0..30 {
+        for &size in &sizes {
+            let body = format!("{round:02}{}", "x".repeat(size));
+            alice
+                .send(json!({"type": "send", "room": "sizes", "body": body}))
+                .await;
+            alice.echo_and_ack().await;
+            sent.push(body);
+        }
+    }
+    // A ping's payload comes back in a pong, between (never inside) the queued frames.
+    bob.ws
+        .send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut pong = false;
+    while got.len() < sent.len() || !pong {
+        let message = tokio::time::timeout(ARRIVAL, bob.ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("socket ended")
+            .expect("socket error");
+        match message {
+            Message::Text(text) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "message" {
+                    got.push(frame["body"].as_str().unwrap().to_owned());
+                }
+            }
+            Message::Pong(payload) => {
+                assert_eq!(&payload[..], b"are you there");
+                pong = true;
+            }
+            Message::Ping(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, sent);
+    // A history page well over 64 KiB: the 64-bit length form.
+    bob.send(json!({"type": "history", "room": "sizes", "limit": 100}))
+        .await;
+    let page = bob.recv_type("history").await;
+    assert!(page.to_string().len() > 65_536);
+    assert_eq!(page["messages"].as_array().unwrap().len(), 100);
+    // A clean close: the server answers the client's close frame.
+    bob.ws.close(None).await.unwrap();
+    let reply = tokio::time::timeout(ARRIVAL, bob.ws.next()).await.unwrap();
+    assert!(
+        matches!(reply, Some(Ok(Message::Close(_))) | None),
+        "{reply:?}"
+    );
+}
+
 pub async fn churn(addr: SocketAddr) {
     let report = churn_with(addr, Churn::small()).await;
     assert!(
@@ -508,6 +755,9 @@ pub async fn churn(addr: SocketAddr) {
 pub fn suite_config() -> ChatConfig {
     ChatConfig {
         max_frame_bytes: 8 * 1024,
+        // Some checks send a few hundred messages; rate limits are the engine tests' to check.
+        rate_per_second: 1_000.0,
+        rate_burst: 1_000,
         ..ChatConfig::default()
     }
 }
@@ -520,7 +770,9 @@ macro_rules! socket_suite {
             rooms_messages_and_membership, the_room_route_joins_at_once, direct_messages_are_private,
             presence_edges, bad_frames_are_answered_and_the_socket_stays_open,
             bad_credentials_get_401_and_unknown_paths_404, an_oversized_frame_closes_with_1009,
-            churn);
+            malformed_upgrades_get_400_with_the_reason,
+            the_upgrade_answers_the_rfc_handshake_and_speaks_websocket,
+            frames_of_every_size_arrive_whole_and_in_order, churn);
     };
     (@each $start:path; $($check:ident),* $(,)?) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

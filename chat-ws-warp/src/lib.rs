@@ -16,11 +16,19 @@
 //! of 128 KiB per socket, zeroed before each read: most of an idle connection's memory. And
 //! `warp::ws::Message::text` takes a `String`, so every recipient's frame would be copied. So this
 //! crate takes hyper's pending upgrade from the request (warp serves the connection with upgrades
-//! enabled), answers the handshake itself (`Sec-WebSocket-Accept`), and builds the
-//! `WebSocketStream` over the upgraded connection with the same configuration as the
-//! tungstenite adapter: a 1 KiB read buffer, a 16 KiB write buffer and the engine's frame size
-//! limit. Frames go out as `Utf8Bytes` built from the engine's shared `Bytes`: no copy per
-//! recipient.
+//! enabled), answers the handshake itself (`Sec-WebSocket-Accept`, checked by
+//! [`chat_ws_tungstenite::upgrade`]), and speaks on the upgraded connection through
+//! [`chat_ws_tungstenite::serve_io`], exactly as the tungstenite adapter does: a 1 KiB read
+//! buffer, the engine's frame size limit, and the engine's frames written beside their shared
+//! `Bytes`, with no copy per recipient.
+//!
+//! # Set `TCP_NODELAY` on the listener
+//!
+//! warp's server sets no socket options on the connections it accepts, so Nagle's algorithm
+//! stays on: a small frame written after another can wait for the client's delayed ACK, tens of
+//! milliseconds. Hand warp a listener with `TCP_NODELAY` set (accepted sockets inherit it on
+//! Linux and the BSDs), as the example server does: `tokio::net::TcpSocket::set_nodelay(true)`
+//! before `listen`, then `warp::serve(app).incoming(listener)`.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -37,15 +45,12 @@
 use chat_core::auth::Handshake;
 use chat_core::engine::{route, Route, Session};
 use chat_core::Chat;
+use chat_ws_tungstenite::upgrade::{self, Refusal};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 use warp::filters::path::FullPath;
 use warp::http::header::{
-    HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
-    UPGRADE,
+    HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::{Reply, Response};
@@ -93,7 +98,7 @@ async fn upgrade(
                 path = path.as_str(),
                 "bad upgrade"
             );
-            return Ok(refusal.into_response());
+            return Ok(refusal_response(refusal));
         }
     };
     // hyper offers an upgrade only on HTTP/1.1 requests with an `Upgrade` header: not on
@@ -147,198 +152,64 @@ async fn upgrade(
 }
 
 async fn serve(chat: Chat, user: String, route: Route, upgraded: hyper::upgrade::Upgraded) {
-    // The same socket settings and frame mapping as the tungstenite adapter.
-    let config = chat_ws_tungstenite::websocket_config(&chat);
-    let socket =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-    chat_ws_tungstenite::serve_websocket(&chat, Session::new(user, route), socket).await;
+    // The same socket settings and frame writing as the tungstenite adapter. hyper's `Upgraded`
+    // gives back what it read past the request itself, so nothing is read ahead here.
+    let io = TokioIo::new(upgraded);
+    chat_ws_tungstenite::serve_io(&chat, Session::new(user, route), io, Vec::new()).await;
 }
 
-/// Why an upgrade request was refused: the 400 reply's body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    NoConnectionUpgrade,
-    NoUpgradeWebsocket,
-    WrongVersion,
-    NoKey,
-    BadKey,
-}
-
-impl Refusal {
-    fn reason(self) -> &'static str {
-        match self {
-            Refusal::NoConnectionUpgrade => {
-                "not a WebSocket handshake: the Connection header must include \"upgrade\""
-            }
-            Refusal::NoUpgradeWebsocket => {
-                "not a WebSocket handshake: the Upgrade header must be \"websocket\""
-            }
-            Refusal::WrongVersion => {
-                "unsupported WebSocket version: Sec-WebSocket-Version must be 13"
-            }
-            Refusal::NoKey => "not a WebSocket handshake: the Sec-WebSocket-Key header is missing",
-            Refusal::BadKey => {
-                "bad WebSocket handshake: Sec-WebSocket-Key must be 16 bytes in base64"
-            }
-        }
-    }
-
-    fn into_response(self) -> Response {
-        let mut response = bad_request(self.reason());
-        if self == Refusal::WrongVersion {
-            // RFC 6455 §4.4: tell the client which version the server speaks.
-            response
-                .headers_mut()
-                .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        }
+/// A refused upgrade as a reply: 400 with the reason.
+fn refusal_response(refusal: Refusal) -> Response {
+    let mut response = bad_request(refusal.reason());
+    if refusal == Refusal::WrongVersion {
+        // RFC 6455 §4.4: tell the client which version the server speaks.
         response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
     }
+    response
 }
 
 fn bad_request(reason: &'static str) -> Response {
     warp::reply::with_status(reason, StatusCode::BAD_REQUEST).into_response()
 }
 
-/// Checks the handshake headers of RFC 6455 §4.2.1 and returns the `Sec-WebSocket-Accept`
-/// value. (The method, GET, is warp's filter to check.)
+/// Checks the handshake headers (RFC 6455 §4.2.1, as the tungstenite adapter does) and returns
+/// the `Sec-WebSocket-Accept` value. (The method, GET, is warp's filter to check.)
 fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, Refusal> {
-    let has_token = |name, token: &str| {
-        headers.get_all(name).iter().any(|value| {
-            value.to_str().is_ok_and(|value| {
-                value
-                    .split(',')
-                    .any(|part| part.trim().eq_ignore_ascii_case(token))
-            })
-        })
-    };
-    if !has_token(CONNECTION, "upgrade") {
-        return Err(Refusal::NoConnectionUpgrade);
-    }
-    if !has_token(UPGRADE, "websocket") {
-        return Err(Refusal::NoUpgradeWebsocket);
-    }
-    let mut versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter();
-    match (versions.next(), versions.next()) {
-        (Some(version), None) if version.as_bytes().trim_ascii() == b"13" => {}
-        _ => return Err(Refusal::WrongVersion),
-    }
-    let mut keys = headers.get_all(SEC_WEBSOCKET_KEY).iter();
-    let key = match (keys.next(), keys.next()) {
-        (None, _) => return Err(Refusal::NoKey),
-        (Some(key), None) if is_valid_key(key.as_bytes()) => key,
-        _ => return Err(Refusal::BadKey),
-    };
+    let pairs: Vec<_> = headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_bytes()))
+        .collect();
+    let accept = upgrade::accept_key(pairs.iter().copied())?;
     // base64 only: always a valid header value.
-    HeaderValue::from_str(&derive_accept_key(key.as_bytes())).map_err(|_| Refusal::BadKey)
-}
-
-/// A key is 16 bytes in (padded, canonical) base64: 22 symbols, the last of which carries only
-/// 2 bits, then `==`.
-fn is_valid_key(key: &[u8]) -> bool {
-    let is_symbol = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
-    match key {
-        [symbols @ .., last, b'=', b'='] if key.len() == 24 => {
-            symbols.iter().all(is_symbol) && matches!(last, b'A' | b'Q' | b'g' | b'w')
-        }
-        _ => false,
-    }
+    HeaderValue::from_str(&accept).map_err(|_| Refusal::BadKey)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    fn handshake(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in pairs {
-            headers.append(*name, HeaderValue::from_static(value));
-        }
-        headers
-    }
-
-    const GOOD: [(&str, &str); 4] = [
-        ("connection", "Upgrade"),
-        ("upgrade", "websocket"),
-        ("sec-websocket-version", "13"),
-        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ];
+    use warp::http::header::SEC_WEBSOCKET_KEY;
 
     #[test]
-    fn the_rfc_sample_handshake_is_accepted() {
-        // RFC 6455 §1.3's example key and answer.
+    fn a_header_map_is_checked_like_any_request() {
+        let mut headers = HeaderMap::new();
+        headers.append(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        headers.append(UPGRADE, HeaderValue::from_static("websocket"));
+        headers.append(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        headers.append(
+            SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
         assert_eq!(
-            accept_key(&handshake(&GOOD)).unwrap(),
+            accept_key(&headers).unwrap(),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
-        // Token lists and any case, as browsers and proxies send them.
-        let headers = handshake(&[
-            ("connection", "keep-alive, Upgrade"),
-            ("upgrade", "WebSocket"),
-            ("sec-websocket-version", "13"),
-            ("sec-websocket-key", "AAAAAAAAAAAAAAAAAAAAAA=="),
-        ]);
-        assert!(accept_key(&headers).is_ok());
-    }
-
-    #[test]
-    fn each_missing_or_wrong_header_has_its_reason() {
-        let without = |name: &str| {
-            let pairs: Vec<_> = GOOD.iter().copied().filter(|(n, _)| *n != name).collect();
-            accept_key(&handshake(&pairs)).unwrap_err()
-        };
-        assert_eq!(without("connection"), Refusal::NoConnectionUpgrade);
-        assert_eq!(without("upgrade"), Refusal::NoUpgradeWebsocket);
-        assert_eq!(without("sec-websocket-version"), Refusal::WrongVersion);
-        assert_eq!(without("sec-websocket-key"), Refusal::NoKey);
-
-        let with = |name: &str, value: &'static str| {
-            let mut headers = handshake(&GOOD);
-            headers.insert(
-                warp::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_static(value),
-            );
-            accept_key(&headers).unwrap_err()
-        };
-        assert_eq!(
-            with("connection", "keep-alive"),
-            Refusal::NoConnectionUpgrade
-        );
-        assert_eq!(with("upgrade", "h2c"), Refusal::NoUpgradeWebsocket);
-        assert_eq!(with("sec-websocket-version", "8"), Refusal::WrongVersion);
-        for key in [
-            "",
-            "dGhlIHNhbXBsZSBub25jZQ",           // unpadded
-            "dGhlIHNhbXBsZSBub25jZR==",         // stray bits in the last symbol
-            "dGhlIHNhbXBsZSBub25j*Q==",         // not base64
-            "dGhlIHNhbXBsZSBub25jZQ==AAAA",     // too long
-            "dGhlIHNhbXBsZSBub25jZSBub25jZQ==", // 22 bytes
-        ] {
-            let mut headers = handshake(&GOOD);
-            headers.insert(SEC_WEBSOCKET_KEY, HeaderValue::from_str(key).unwrap());
-            assert_eq!(accept_key(&headers).unwrap_err(), Refusal::BadKey, "{key}");
-        }
-        let mut twice = handshake(&GOOD);
-        twice.append(
-            SEC_WEBSOCKET_KEY,
-            HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAA=="),
-        );
-        assert_eq!(accept_key(&twice).unwrap_err(), Refusal::BadKey);
-    }
-
-    #[test]
-    fn non_ascii_header_values_are_refused_not_panicked_on() {
-        let mut headers = handshake(&GOOD);
-        headers.insert(CONNECTION, HeaderValue::from_bytes(b"upgr\xffade").unwrap());
-        assert_eq!(
-            accept_key(&headers).unwrap_err(),
-            Refusal::NoConnectionUpgrade
-        );
-        let mut headers = handshake(&GOOD);
-        headers.insert(
-            SEC_WEBSOCKET_KEY,
-            HeaderValue::from_bytes(b"\xff\xfe").unwrap(),
-        );
-        assert_eq!(accept_key(&headers).unwrap_err(), Refusal::BadKey);
+        headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("8"));
+        assert_eq!(accept_key(&headers).unwrap_err(), Refusal::WrongVersion);
+        let response = refusal_response(Refusal::WrongVersion);
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(response.headers()[SEC_WEBSOCKET_VERSION], "13");
     }
 }

@@ -274,6 +274,11 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     };
     // As `TcpListener::bind` does: a restarted server can take its port back at once.
     socket.set_reuseaddr(true)?;
+    // Accepted sockets inherit it (on Linux and the BSDs). warp's server sets no socket options
+    // on what it accepts, and without it a small frame can wait for the client's delayed ACK
+    // (Nagle's algorithm): tens of milliseconds added to a chat message. The tungstenite
+    // adapter sets it on each socket as well.
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }

@@ -42,7 +42,6 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::edges::EdgeFilter;
 use super::envelope::{self, room_group, user_group, Envelope, Kind, Received, PRESENCE_GROUP};
 use super::outgoing::{Outgoing, PushError};
 use super::rate::TokenBucket;
@@ -119,7 +118,9 @@ struct Direct {
 /// What the reader and the forwarder share. Locked only for map edits and non-blocking queue
 /// pushes, never across an await.
 struct Shared {
-    rooms: HashMap<String, Room>,
+    /// Boxed: a map allocates room for several entries at its first insert, and most
+    /// connections are in one room.
+    rooms: HashMap<String, Box<Room>>,
     directs: HashMap<String, Direct>,
     /// Each direct conversation's newest id when the connection opened: its order starts there.
     direct_heads: HashMap<String, u64>,
@@ -127,7 +128,6 @@ struct Shared {
     watching: bool,
     /// The registry version of the last `online` reply; older presence edges are old news.
     presence_floor: u64,
-    edges: EdgeFilter,
     /// Conversations to look at for a gap, soonest first.
     repairs: BinaryHeap<Reverse<(Instant, Key)>>,
     generations: u64,
@@ -218,7 +218,6 @@ where
             direct_heads,
             watching: false,
             presence_floor: 0,
-            edges: EdgeFilter::default(),
             repairs: BinaryHeap::new(),
             generations: 0,
         })),
@@ -246,7 +245,9 @@ where
         let start = async {
             connection.push(welcome.encode())?;
             if let Some(room) = room {
-                connection.respond(None, connection.join(room, None).await)?;
+                // Boxed, as every request is: an idle connection's future keeps no room for it.
+                let joined = Box::pin(connection.join(room, None)).await;
+                connection.respond(None, joined)?;
             }
             connection.read_loop(&mut inbound, lease_lost).await
         };
@@ -553,8 +554,8 @@ impl Connection {
                     if last_heard.elapsed() >= config.idle_timeout {
                         return Ok(CloseReason::PeerTimeout);
                     }
-                    // An idle connection gives back what a past burst of events left.
-                    lock(&self.shared).edges.tidy(Instant::now());
+                    // Gives back what a past burst of events left.
+                    self.inner.tidy_edges(Instant::now());
                     continue;
                 }
             };
@@ -663,7 +664,7 @@ impl Connection {
                     overflowed: false,
                     state: RoomState::Joining(Vec::new()),
                 };
-                shared.rooms.insert(room.clone(), room_state);
+                shared.rooms.insert(room.clone(), Box::new(room_state));
             }
             if let Err(error) = self.enter(&room).await {
                 self.leave_quietly(&room).await;
@@ -1220,7 +1221,9 @@ impl Connection {
                 let floor = shared.presence_floor;
                 if shared.watching
                     && !self.excluded(&received)
-                    && shared.edges.admit("", user, received.version, floor, now)
+                    && self
+                        .inner
+                        .admit_edge("", user, received.version, floor, now)
                 {
                     self.push(received.frame)?;
                 }
@@ -1231,7 +1234,7 @@ impl Connection {
                 let Some(room) = text(&first) else {
                     return Ok(None);
                 };
-                match shared.rooms.get_mut(room) {
+                match shared.rooms.get_mut(room).map(|room| &mut **room) {
                     // Not (or no longer) in this room: a late frame after `leave`.
                     None => {}
                     Some(Room {
@@ -1264,12 +1267,7 @@ impl Connection {
         now: Instant,
     ) -> Result<(), CloseReason> {
         let grace = self.inner.config.gap_grace;
-        let Shared {
-            rooms,
-            edges,
-            repairs,
-            ..
-        } = shared;
+        let Shared { rooms, repairs, .. } = shared;
         let Some(entry) = rooms.get_mut(room) else {
             return Ok(());
         };
@@ -1290,7 +1288,11 @@ impl Connection {
                 let Some(user) = text(&received.second) else {
                     return Ok(());
                 };
-                if !edges.admit(room, user, received.version, entry.member_floor, now) {
+                let floor = entry.member_floor;
+                if !self
+                    .inner
+                    .admit_edge(room, user, received.version, floor, now)
+                {
                     return Ok(());
                 }
             }
@@ -1548,7 +1550,7 @@ impl Connection {
 /// connection still has it live.
 fn sequencer_of<'a>(shared: &'a mut Shared, key: &Key) -> Option<(&'a mut Sequencer, u64)> {
     match key {
-        Key::Room(room) => match shared.rooms.get_mut(room) {
+        Key::Room(room) => match shared.rooms.get_mut(room).map(|room| &mut **room) {
             Some(Room {
                 generation,
                 state: RoomState::Live(sequencer),

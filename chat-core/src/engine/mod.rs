@@ -77,7 +77,8 @@ mod rate;
 mod sequencer;
 
 use std::fmt;
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -375,6 +376,7 @@ impl ChatBuilder {
                 shutdown,
                 lease_lost,
                 started: OnceCell::new(),
+                edges: Mutex::default(),
             }),
         }
     }
@@ -413,6 +415,8 @@ pub(crate) struct Inner {
     pub(crate) lease_lost: watch::Sender<u64>,
     /// Set once the node holds its lease and its background tasks run.
     started: OnceCell<()>,
+    /// The newest `member` and `presence` edge per user that reached this node.
+    edges: Mutex<edges::EdgeFilter>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -467,6 +471,25 @@ pub(crate) struct Publication {
 }
 
 impl Inner {
+    /// Whether an edge is news to a connection whose snapshot is `floor` (see [`edges`]).
+    pub(crate) fn admit_edge(
+        &self,
+        scope: &str,
+        user: &str,
+        version: u64,
+        floor: u64,
+        now: tokio::time::Instant,
+    ) -> bool {
+        let mut edges = self.edges.lock().unwrap_or_else(PoisonError::into_inner);
+        edges.admit(scope, user, version, floor, now)
+    }
+
+    /// Forgets old edges and gives back the memory of a burst that is over.
+    pub(crate) fn tidy_edges(&self, now: tokio::time::Instant) {
+        let mut edges = self.edges.lock().unwrap_or_else(PoisonError::into_inner);
+        edges.tidy(now);
+    }
+
     /// Takes this node's registry lease and starts its background tasks, once.
     pub(crate) async fn start(self: &Arc<Self>) -> Result<(), ChatError> {
         self.started
@@ -804,13 +827,20 @@ impl Chat {
     ///
     /// `inbound` is the client's frames (its end means the client left); `outbound` is where the
     /// engine writes frames and, for a server-side close, a final [`Outbound::Close`]. The
-    /// returned future is `Send`; spawn it per connection.
-    pub async fn serve<I, O>(&self, session: Session, inbound: I, outbound: O) -> CloseReason
+    /// returned future is `Send` and borrows nothing from `self`; spawn it per connection.
+    // Not an `async fn`: a wrapper future would keep its own copies of `inbound` and `outbound`
+    // beside the inner one's, in every idle connection's memory.
+    pub fn serve<I, O>(
+        &self,
+        session: Session,
+        inbound: I,
+        outbound: O,
+    ) -> impl Future<Output = CloseReason> + Send
     where
         I: Stream<Item = Inbound> + Send + Unpin,
         O: Sink<Outbound> + Send + Unpin,
     {
-        connection::serve(Arc::clone(&self.inner), session, inbound, outbound).await
+        connection::serve(Arc::clone(&self.inner), session, inbound, outbound)
     }
 
     /// [`serve`](Self::serve) for a WebSocket library's socket: one value that is both the stream
@@ -818,13 +848,13 @@ impl Chat {
     /// library's message type and the engine's frames. `inbound` returns `None` to end the
     /// connection (a close frame, a broken socket). This is all an adapter needs after the
     /// handshake.
-    pub async fn serve_socket<S, M, E>(
+    pub fn serve_socket<S, M, E>(
         &self,
         session: Session,
         socket: S,
         inbound: fn(Result<M, E>) -> Option<Inbound>,
         outbound: fn(Outbound) -> M,
-    ) -> CloseReason
+    ) -> impl Future<Output = CloseReason> + Send
     where
         S: Stream<Item = Result<M, E>> + Sink<M, Error = E> + Send,
         M: Send,
@@ -838,7 +868,6 @@ impl Chat {
             .filter_map(std::future::ready);
         let writes = sink.with(move |frame| std::future::ready(Ok::<_, E>(outbound(frame))));
         self.serve(session, Box::pin(frames), Box::pin(writes))
-            .await
     }
 
     /// Posts `body` to `room` as `from` (a bot, a system notice): stored, then delivered to every

@@ -534,9 +534,15 @@ impl Inbox {
             (None, _) if state.closed => Poll::Ready(None),
             (None, None) => Poll::Pending,
             (None, Some(cx)) => {
-                match &mut lock(&self.more).waker {
+                let mut more = lock(&self.more);
+                match &mut more.waker {
                     Some(waker) if waker.will_wake(cx.waker()) => {}
                     slot => *slot = Some(cx.waker().clone()),
+                }
+                if more.queue.capacity() > 4 {
+                    // Empty, and its receiver goes to sleep: a burst is over, and an idle
+                    // channel keeps no room for the next one.
+                    more.queue = VecDeque::new();
                 }
                 state.parked = true;
                 Poll::Pending
