@@ -35,6 +35,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -252,7 +253,12 @@ where
             connection.read_loop(&mut inbound, lease_lost).await
         };
         let either = |reason: Result<CloseReason, CloseReason>| reason.unwrap_or_else(|r| r);
+        // In this order on every wake-up, so the writer sees what the reader and the forwarder
+        // queued in the same pass: polled first, it would wait for them and be woken again,
+        // which sends the task to the back of the run queue, a whole round of every busy
+        // connection later, for each delivery.
         tokio::select! {
+            biased;
             reason = start => either(reason),
             reason = connection.forward_loop(subscription) => either(reason),
             reason = write_loop(&out, &mut outbound, &inner.config) => reason,
@@ -333,9 +339,21 @@ async fn write_loop<O: Sink<Outbound> + Unpin>(
             }
             outbound.flush().await
         };
-        match tokio::time::timeout(config.write_timeout, write).await {
-            Ok(Ok(())) => out.written(bytes),
-            Ok(Err(_)) => return CloseReason::TransportError,
+        // Most writes complete at once: a timer is armed only for one that has to wait, not for
+        // every delivery.
+        let written = {
+            let mut write = std::pin::pin!(write);
+            let first = futures::poll!(write.as_mut()).map(|result| result.is_ok());
+            match first {
+                Poll::Ready(ok) => Ok(ok),
+                Poll::Pending => tokio::time::timeout(config.write_timeout, write)
+                    .await
+                    .map(|result| result.is_ok()),
+            }
+        };
+        match written {
+            Ok(true) => out.written(bytes),
+            Ok(false) => return CloseReason::TransportError,
             Err(_) => return CloseReason::SlowConsumer,
         }
         if batch.capacity() > 64 {
@@ -469,9 +487,11 @@ impl Connection {
         Ok(())
     }
 
-    /// Queues a frame for the client; a spent budget means the client stopped reading.
+    /// Queues a frame for the client; a spent budget means the client stopped reading. Called
+    /// only from the connection's task, whose writer runs after the reader and the forwarder in
+    /// each pass (see `serve`), so it wakes nobody.
     fn push(&self, frame: Bytes) -> Result<(), CloseReason> {
-        self.out.push(frame).map_err(|error| match error {
+        self.out.push_local(frame).map_err(|error| match error {
             PushError::Full => CloseReason::SlowConsumer,
             PushError::Closed => CloseReason::TransportError,
         })

@@ -9,12 +9,17 @@
 //!
 //! The writer takes frames in batches, several per flush. Clones of the handle (for acks sent
 //! later by the outbox) push into the same queue; once the connection is gone they are refused.
+//!
+//! The connection's own reader and forwarder push with [`Outgoing::push_local`], which wakes
+//! nobody: they run in the writer's task, which polls the writer after them in the same pass. A
+//! wake from there would only make the task run again, at the back of the run queue, once per
+//! delivery. Pushes from other tasks wake the writer.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +34,6 @@ pub(crate) enum PushError {
 pub(crate) struct Outgoing {
     budget: usize,
     state: Mutex<State>,
-    ready: Notify,
 }
 
 #[derive(Default)]
@@ -38,6 +42,8 @@ struct State {
     /// Bytes queued plus bytes taken by the writer and not yet flushed.
     pending: usize,
     closed: bool,
+    /// The writer, waiting in [`Outgoing::take`] for frames.
+    writer: Option<Waker>,
 }
 
 impl Outgoing {
@@ -45,7 +51,6 @@ impl Outgoing {
         Self {
             budget: budget.max(1),
             state: Mutex::default(),
-            ready: Notify::new(),
         }
     }
 
@@ -53,10 +58,28 @@ impl Outgoing {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a frame. A frame larger than the whole budget is still taken when nothing is
-    /// pending, so a big `history` page reaches a client that reads.
+    /// Queues a frame and wakes the writer: for pushes from other tasks. A frame larger than the
+    /// whole budget is still taken when nothing is pending, so a big `history` page reaches a
+    /// client that reads.
     pub(crate) fn push(&self, frame: Bytes) -> Result<(), PushError> {
-        let mut state = self.state();
+        let writer = {
+            let mut state = self.state();
+            self.queue(&mut state, frame)?;
+            state.writer.take()
+        };
+        if let Some(writer) = writer {
+            writer.wake();
+        }
+        Ok(())
+    }
+
+    /// Queues a frame from the writer's own task, which polls the writer later in the same pass:
+    /// no wake-up.
+    pub(crate) fn push_local(&self, frame: Bytes) -> Result<(), PushError> {
+        self.queue(&mut self.state(), frame)
+    }
+
+    fn queue(&self, state: &mut State, frame: Bytes) -> Result<(), PushError> {
         if state.closed {
             return Err(PushError::Closed);
         }
@@ -65,8 +88,6 @@ impl Outgoing {
         }
         state.pending += frame.len();
         state.frames.push_back(frame);
-        drop(state);
-        self.ready.notify_one();
         Ok(())
     }
 
@@ -78,29 +99,40 @@ impl Outgoing {
     /// Waits for frames and moves up to about `max_bytes` of them (at least one) into `batch`;
     /// returns their size, to be passed to [`Outgoing::written`] once they are flushed.
     pub(crate) async fn take(&self, batch: &mut Vec<Bytes>, max_bytes: usize) -> usize {
-        loop {
-            {
-                let mut state = self.state();
-                let mut taken = 0;
-                while let Some(frame) = state.frames.front() {
-                    if taken > 0 && taken + frame.len() > max_bytes {
-                        break;
-                    }
-                    taken += frame.len();
-                    if let Some(frame) = state.frames.pop_front() {
-                        batch.push(frame);
-                    }
-                }
-                if !batch.is_empty() {
-                    if state.frames.is_empty() && state.frames.capacity() > 64 {
-                        // A burst is over: give its memory back.
-                        state.frames.shrink_to(16);
-                    }
-                    return taken;
-                }
+        std::future::poll_fn(|cx| self.poll_take(cx, batch, max_bytes)).await
+    }
+
+    /// Looks at the queue every time it is polled (so a local push needs no wake-up), and
+    /// leaves the task's waker for pushes from elsewhere when there is nothing.
+    fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        batch: &mut Vec<Bytes>,
+        max_bytes: usize,
+    ) -> Poll<usize> {
+        let mut state = self.state();
+        let mut taken = 0;
+        while let Some(frame) = state.frames.front() {
+            if taken > 0 && taken + frame.len() > max_bytes {
+                break;
             }
-            self.ready.notified().await;
+            taken += frame.len();
+            if let Some(frame) = state.frames.pop_front() {
+                batch.push(frame);
+            }
         }
+        if !batch.is_empty() {
+            if state.frames.is_empty() && state.frames.capacity() > 64 {
+                // A burst is over: give its memory back.
+                state.frames.shrink_to(16);
+            }
+            return Poll::Ready(taken);
+        }
+        match &mut state.writer {
+            Some(writer) if writer.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     /// The client took `bytes` (a batch from [`Outgoing::take`] was flushed).
@@ -115,6 +147,7 @@ impl Outgoing {
         state.closed = true;
         state.frames = VecDeque::new();
         state.pending = 0;
+        state.writer = None;
     }
 
     /// Takes what is queued now, without waiting (for the last frames before a close).
@@ -148,6 +181,36 @@ mod tests {
         out.written(taken);
         assert_eq!(out.pending(), 0);
         assert_eq!(out.push(frame(1)), Ok(()));
+    }
+
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl futures::task::ArcWake for Wakes {
+        fn wake_by_ref(this: &std::sync::Arc<Self>) {
+            this.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn local_pushes_are_seen_without_a_wake_and_others_wake_the_writer() {
+        let wakes = std::sync::Arc::new(Wakes(Default::default()));
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let count = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        let out = Outgoing::new(1_000);
+        let mut batch = Vec::new();
+        assert_eq!(out.poll_take(&mut cx, &mut batch, 100), Poll::Pending);
+        // From the writer's own task: no wake, and the next poll of the writer finds it.
+        out.push_local(frame(10)).unwrap();
+        assert_eq!(count(), 0);
+        assert_eq!(out.poll_take(&mut cx, &mut batch, 100), Poll::Ready(10));
+        batch.clear();
+        assert_eq!(out.poll_take(&mut cx, &mut batch, 100), Poll::Pending);
+        // From another task (the outbox's ack): the writer is woken, once.
+        out.push(frame(5)).unwrap();
+        out.push(frame(5)).unwrap();
+        assert_eq!(count(), 1);
+        assert_eq!(out.poll_take(&mut cx, &mut batch, 100), Poll::Ready(10));
     }
 
     #[test]
