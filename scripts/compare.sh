@@ -24,7 +24,7 @@
 #
 # Environment overrides (defaults: full size; COMPARE_QUICK=1 gives the smaller values in brackets):
 #   CLIENTS=1000 [200]  SENDERS=100 [20]
-#   RATES="100 200 300 400 500 750 1000 1500 2000 3000 4000" [250 500 1000 2000 4000] (on 2 cores the
+#   RATES="100 200 300 400 500 750 1000 1250 1500 1750 2000 3000 4000" [250 500 1000 2000 4000] (on 2 cores the
 #       load generator itself tops out near 500,000 deliveries/s, i.e. 500 msg/s to 1,000 clients)
 #   STEP_SECS=5 [2] (sending time of each sustained step and of the latency runs)
 #   SUSTAIN_P99_MS=500
@@ -63,7 +63,7 @@ if [ "${COMPARE_QUICK:-0}" != 0 ]; then
 fi
 CLIENTS=${CLIENTS:-1000}
 SENDERS=${SENDERS:-100}
-RATES=${RATES:-100 200 300 400 500 750 1000 1500 2000 3000 4000}
+RATES=${RATES:-100 200 300 400 500 750 1000 1250 1500 1750 2000 3000 4000}
 STEP_SECS=${STEP_SECS:-5}
 SUSTAIN_P99_MS=${SUSTAIN_P99_MS:-500}
 DRAIN_SECS=${DRAIN_SECS:-30}

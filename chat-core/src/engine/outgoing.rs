@@ -111,6 +111,23 @@ impl Outgoing {
         max_bytes: usize,
     ) -> Poll<usize> {
         let mut state = self.state();
+        let taken = Self::take_queued(&mut state, batch, max_bytes);
+        if taken > 0 {
+            return Poll::Ready(taken);
+        }
+        match &mut state.writer {
+            Some(writer) if writer.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Moves what is queued now, up to about `max_bytes`, into `batch`; waits for nothing.
+    pub(crate) fn take_now(&self, batch: &mut Vec<Bytes>, max_bytes: usize) -> usize {
+        Self::take_queued(&mut self.state(), batch, max_bytes)
+    }
+
+    fn take_queued(state: &mut State, batch: &mut Vec<Bytes>, max_bytes: usize) -> usize {
         let mut taken = 0;
         while let Some(frame) = state.frames.front() {
             if taken > 0 && taken + frame.len() > max_bytes {
@@ -121,18 +138,11 @@ impl Outgoing {
                 batch.push(frame);
             }
         }
-        if !batch.is_empty() {
-            if state.frames.is_empty() && state.frames.capacity() > 64 {
-                // A burst is over: give its memory back.
-                state.frames.shrink_to(16);
-            }
-            return Poll::Ready(taken);
+        if state.frames.is_empty() && state.frames.capacity() > 64 {
+            // A burst is over: give its memory back.
+            state.frames.shrink_to(16);
         }
-        match &mut state.writer {
-            Some(writer) if writer.will_wake(cx.waker()) => {}
-            slot => *slot = Some(cx.waker().clone()),
-        }
-        Poll::Pending
+        taken
     }
 
     /// The client took `bytes` (a batch from [`Outgoing::take`] was flushed).
