@@ -6,6 +6,12 @@
 //!   and repairs gaps from the history store.
 //! - The **writer** drains the outbound queue into the socket.
 //!
+//! Every wake-up polls them in that order, so the writer takes in the same pass what the other
+//! two queued, and their pushes wake nobody: a wake from inside the task would only send it to
+//! the back of the run queue, a round of every busy connection later, once per delivery. A batch
+//! of a single frame waits for the runtime's other ready tasks once (`yield_now`): immediate on an
+//! idle server, a bigger write on a busy one.
+//!
 //! The outbound queue ([`Outgoing`]) is bounded in *bytes the client has not taken*
 //! (`outbound_budget`), not in frames: a client that reads keeps it short however far behind the
 //! server itself falls, so overload raises latency and never cuts a reader. Nothing ever waits
@@ -64,8 +70,8 @@ use crate::store::{Conversation, StoredMessage};
 const ROUTE_BATCH: usize = 63;
 /// Most bytes one write to the socket takes (several frames, one flush).
 const WRITE_BATCH: usize = 64 * 1024;
-/// A batch of fewer frames waits for the runtime's other ready tasks once, to take more.
-const SMALL_BATCH: usize = 8;
+/// A batch of fewer frames (one) waits for the runtime's other ready tasks once, to take more.
+const SMALL_BATCH: usize = 2;
 /// How long the engine tries to deliver its close frame to a socket that may not be reading.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most messages one gap repair reads from the store at once.
