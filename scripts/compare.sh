@@ -38,6 +38,8 @@
 #       tokio's TcpListener::bind, the kernel drops SYNs and connects stall for a 1 s retransmit)
 #   CHURN_MS=1000  CHURN_RATE=500 [200]  CHURN_SECS=5 [3]
 #   SERVERS="floor chat-server chat-server-tungstenite"  SCENARIOS="a b c d e"
+#   PIN=1 (the server on the first half of the cores, the load generator on the other half, with
+#       taskset; PIN=0 lets them share every core)
 #   SERVER_FLAGS="" (more flags for both chat servers; CHAT_* variables work too, see --help)
 #   COMPARE_OUT=target/compare/<time> (every loadgen output and server log)
 #
@@ -51,7 +53,7 @@ command_line="$0${*:+ $*}"
 overrides=
 for name in COMPARE_QUICK CLIENTS SENDERS RATES STEP_SECS SUSTAIN_P99_MS DRAIN_SECS BURST_MESSAGES \
     LATENCY_RATE SMALL_CLIENTS SMALL_SENDERS SMALL_RATE SMALL_SECS IDLE_CONNECTIONS HOLD_SECS \
-    IDLE_BATCH CHURN_MS CHURN_RATE CHURN_SECS SERVERS SCENARIOS SERVER_FLAGS COMPARE_OUT STOP_SECS \
+    IDLE_BATCH CHURN_MS CHURN_RATE CHURN_SECS SERVERS SCENARIOS SERVER_FLAGS COMPARE_OUT STOP_SECS PIN \
     CARGO_TARGET_DIR; do
     if [ -n "${!name+x}" ]; then overrides+="$name=$(printf '%q' "${!name}") "; fi
 done
@@ -102,6 +104,22 @@ if commit=$(git rev-parse --short HEAD 2>/dev/null); then
     echo "- commit: $commit"
 fi
 echo "- command: \`${overrides}${command_line}\`"
+# The server and the load generator on cores of their own (PIN=0: anywhere): sharing cores,
+# each run's ratios moved with how the scheduler happened to split them.
+server_cpus=
+loadgen_cpus=
+cores=$(nproc)
+if [ "${PIN:-1}" != 0 ] && [ "$cores" -ge 2 ] && command -v taskset >/dev/null; then
+    half=$((cores / 2))
+    server_cpus="taskset -c 0-$((half - 1))"
+    loadgen_cpus="taskset -c $half-$((cores - 1))"
+fi
+
+if [ -n "$server_cpus" ]; then
+    echo "- cores: the server on ${server_cpus#taskset -c }, the load generator on ${loadgen_cpus#taskset -c }"
+else
+    echo "- cores: shared by the server and the load generator"
+fi
 echo "- open-file limit: $(ulimit -n); load average at the start: $(cut -d' ' -f1-3 /proc/loadavg); raw output: $OUT"
 echo
 
@@ -155,10 +173,10 @@ start_server() { # name log
     server_stem=${log%.server.log}
     port=$(free_port)
     case $name in
-    floor) "$bin/floor" --addr "127.0.0.1:$port" 2>"$log" & ;;
+    floor) $server_cpus "$bin/floor" --addr "127.0.0.1:$port" 2>"$log" & ;;
     chat-server | chat-server-tungstenite)
         # shellcheck disable=SC2086
-        RUST_LOG=${RUST_LOG:-warn} "$bin/$name" --addr "127.0.0.1:$port" --store memory \
+        RUST_LOG=${RUST_LOG:-warn} $server_cpus "$bin/$name" --addr "127.0.0.1:$port" --store memory \
             --rate-per-second 100000 --rate-burst 100000 $SERVER_FLAGS 2>"$log" &
         ;;
     *)
@@ -199,7 +217,7 @@ measure() { # server label loadgen-args...
     start_server "$server" "$stem.server.log"
     local args=(--url "$server_url" "$@" --server-pid "$server_pid")
     echo "compare: $server $label: loadgen ${args[*]}" >&2
-    "$bin/loadgen" "${args[@]}" >"$stem.out" 2>"$stem.err" || true
+    $loadgen_cpus "$bin/loadgen" "${args[@]}" >"$stem.out" 2>"$stem.err" || true
     stop_server
     json=$(grep '^{' "$stem.out" | tail -1 || true)
     if [ -z "$json" ]; then

@@ -7,16 +7,16 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../tests-shared/server_process.rs"]
+mod server_process;
 #[path = "../tests-shared/socket_suite.rs"]
 mod socket_suite;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use server_process::Server;
 use socket_suite::{connect, Socket};
 
 fn redis_url() -> String {
@@ -29,70 +29,31 @@ fn prefix(test: &str) -> String {
     format!("chat-cluster-{}-{test}", std::process::id())
 }
 
-/// An example binary, built by cargo next to this test (`target/<profile>/examples/`).
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let path = profile.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} is not built: run ./scripts/test.sh, or `cargo build --examples` first",
-        path.display()
-    );
-    path
-}
-
-/// A server process, killed when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    async fn start(binary: &str, prefix: &str, lease_secs: u64) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(example(binary))
-            .args(["--addr", &addr.to_string(), "--layer", "redis"])
-            .args(["--redis-url", &redis_url(), "--redis-prefix", prefix])
-            .args(["--node-lease", &lease_secs.to_string()])
-            .args(["--rate-per-second", "1000", "--rate-burst", "1000"])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{binary} did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self { child, addr }
-    }
-
-    /// SIGKILL: no goodbye, no cleanup.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A node of the cluster: `binary` on the Redis layer under `prefix`.
+async fn node(binary: &str, prefix: &str, lease_secs: u64) -> Server {
+    let redis = redis_url();
+    let lease = lease_secs.to_string();
+    let args = [
+        "--layer",
+        "redis",
+        "--redis-url",
+        &redis,
+        "--redis-prefix",
+        prefix,
+        "--node-lease",
+        &lease,
+        "--rate-per-second",
+        "1000",
+        "--rate-burst",
+        "1000",
+    ];
+    Server::start(binary, &args).await
 }
 
 async fn pair(test: &str, lease_secs: u64) -> (Server, Server) {
     let prefix = prefix(test);
-    let warp = Server::start("chat-server", &prefix, lease_secs).await;
-    let tungstenite = Server::start("chat-server-tungstenite", &prefix, lease_secs).await;
+    let warp = node("chat-server", &prefix, lease_secs).await;
+    let tungstenite = node("chat-server-tungstenite", &prefix, lease_secs).await;
     (warp, tungstenite)
 }
 

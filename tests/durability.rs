@@ -9,75 +9,26 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../tests-shared/server_process.rs"]
+mod server_process;
 #[path = "../tests-shared/socket_suite.rs"]
 mod socket_suite;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use server_process::Server;
 use socket_suite::{connect, Socket};
 use tokio_tungstenite::tungstenite::Message;
 
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let path = profile.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} is not built: run ./scripts/test.sh, or `cargo build --examples` first",
-        path.display()
-    );
-    path
-}
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    async fn start(store: &[&str]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(example("chat-server-tungstenite"))
-            .args(["--addr", &addr.to_string()])
-            .args(store)
-            .args(["--rate-per-second", "10000", "--rate-burst", "10000"])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self { child, addr }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
+async fn start(store: &[&str]) -> Server {
+    let mut args = store.to_vec();
+    args.extend(["--rate-per-second", "10000", "--rate-burst", "10000"]);
+    Server::start("chat-server-tungstenite", &args).await
 }
 
 async fn welcome_epoch(addr: SocketAddr, user: &str) -> (Socket, String) {
@@ -177,7 +128,7 @@ fn ids(messages: &[Value]) -> Vec<u64> {
 }
 
 async fn nothing_acknowledged_is_lost(store: &[&str]) {
-    let mut server = Server::start(store).await;
+    let mut server = start(store).await;
     let (mut reader, epoch) = welcome_epoch(server.addr, "reader").await;
     reader.join("log").await;
     let (mut writer, _) = welcome_epoch(server.addr, "writer").await;
@@ -212,7 +163,7 @@ async fn nothing_acknowledged_is_lost(store: &[&str]) {
     let mut acked = acked;
     acked.extend(std::mem::take(&mut *streamed.lock().unwrap()));
     assert!(acked.len() >= 1_200);
-    let server = Server::start(store).await;
+    let server = start(store).await;
 
     let (mut reader, again) = welcome_epoch(server.addr, "reader").await;
     assert_eq!(

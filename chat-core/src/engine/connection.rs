@@ -70,7 +70,8 @@ use crate::store::{Conversation, StoredMessage};
 const ROUTE_BATCH: usize = 63;
 /// Most bytes one write to the socket takes (several frames, one flush).
 const WRITE_BATCH: usize = 64 * 1024;
-/// A batch of fewer frames (one) waits for the runtime's other ready tasks once, to take more.
+/// A batch of fewer frames than this (a single frame) waits once for the runtime's other ready
+/// tasks, to take what arrives meanwhile.
 const SMALL_BATCH: usize = 2;
 /// How long the engine tries to deliver its close frame to a socket that may not be reading.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
