@@ -29,9 +29,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const HIGH_WATER: usize = 64 * 1024;
 /// Most queued pieces handed to one vectored write.
 const MAX_SLICES: usize = 64;
-/// Most bytes tungstenite may leave queued (its pong and close replies); a peer that pings
-/// without reading would otherwise grow the queue.
-const MAX_CONTROL: usize = 64 * 1024;
+/// Most of tungstenite's writes (its pong and close replies) waiting in the queue; a peer that
+/// pings without reading would otherwise grow it.
+const MAX_CONTROL: usize = 64;
 
 const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
@@ -102,6 +102,8 @@ struct Wire<S> {
     queue: VecDeque<Piece>,
     /// Bytes in `queue` not yet written.
     queued: usize,
+    /// Pieces of tungstenite's in `queue`.
+    control: usize,
     /// The engine sent its close frame: nothing more of its goes out.
     closed: bool,
 }
@@ -156,7 +158,11 @@ impl<S: AsyncWrite + Unpin> Wire<S> {
                 return;
             }
             n -= left;
-            self.queue.pop_front();
+            if let Some(piece) = self.queue.pop_front() {
+                if piece.head_len == 0 {
+                    self.control -= 1;
+                }
+            }
         }
     }
 }
@@ -176,6 +182,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Shared<S> {
             io,
             queue: VecDeque::new(),
             queued: 0,
+            control: 0,
             closed: false,
         })))
     }
@@ -242,10 +249,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ReadSide<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let mut wire = self.0.lock();
-        if wire.queued + buf.len() > HIGH_WATER + MAX_CONTROL {
+        if wire.control >= MAX_CONTROL {
             // Pings answered faster than the peer reads the answers.
             return Poll::Ready(Err(io::Error::other("peer does not read its pongs")));
         }
+        wire.control += 1;
         wire.push(Piece::raw(Bytes::copy_from_slice(buf)));
         Poll::Ready(Ok(buf.len()))
     }
@@ -321,6 +329,25 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::WebSocketStream;
+
+    /// A peer that pings without reading the pongs is cut off once 64 answers wait, however
+    /// much of the engine's is queued: the engine's own frames are bounded by its budget.
+    #[tokio::test]
+    async fn unread_replies_are_bounded() {
+        use tokio::io::AsyncWriteExt;
+        let (server, _client) = tokio::io::duplex(1);
+        let wire = Shared::new(server);
+        let mut sink = WireSink(wire.clone());
+        // A large frame of the engine's waiting does not count against the replies.
+        futures::SinkExt::feed(&mut sink, Outbound::Text(Bytes::from(vec![b'x'; 200_000])))
+            .await
+            .unwrap();
+        let mut tungstenite_side = ReadSide(wire);
+        for _ in 0..MAX_CONTROL {
+            tungstenite_side.write_all(&[0x8a, 0]).await.unwrap();
+        }
+        assert!(tungstenite_side.write_all(&[0x8a, 0]).await.is_err());
+    }
 
     /// A pipe of 100 bytes forces partial writes everywhere: mid-header, mid-payload, and a
     /// tungstenite pong queued behind a half-written frame.
