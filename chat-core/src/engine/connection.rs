@@ -40,13 +40,14 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::hash::BuildHasherDefault;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::envelope::{self, room_group, user_group, Envelope, Kind, Received, PRESENCE_GROUP};
@@ -129,8 +130,9 @@ struct Direct {
 /// pushes, never across an await.
 struct Shared {
     /// Boxed: a map allocates room for several entries at its first insert, and most
-    /// connections are in one room.
-    rooms: HashMap<String, Box<Room>>,
+    /// connections are in one room. Looked up once per delivered room frame, so hashed with
+    /// [`RoomHasher`] rather than SipHash (which was a tenth of the server's instructions).
+    rooms: HashMap<String, Box<Room>, BuildHasherDefault<RoomHasher>>,
     directs: HashMap<String, Direct>,
     /// Each direct conversation's newest id when the connection opened: its order starts there.
     direct_heads: HashMap<String, u64>,
@@ -141,6 +143,44 @@ struct Shared {
     /// Conversations to look at for a gap, soonest first.
     repairs: BinaryHeap<Reverse<(Instant, Key)>>,
     generations: u64,
+}
+
+/// FxHash (rustc's own): a multiply and a rotate per 8 bytes. Not resistant to crafted
+/// collisions, which is fine here: the keys are the rooms this connection joined itself, at most
+/// `max_rooms_per_connection` of them, so colliding names slow down only their own connection.
+#[derive(Default)]
+struct RoomHasher(u64);
+
+impl RoomHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for RoomHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.add(u64::from(byte));
+    }
+
+    fn finish(&self) -> u64 {
+        // hashbrown takes its control bits from the top: mix the low bits up there.
+        self.0.rotate_left(26)
+    }
 }
 
 /// A refusal to report to the client as an `error` frame.
@@ -177,8 +217,10 @@ struct Connection {
     channel: String,
     shared: Arc<Mutex<Shared>>,
     out: Arc<Outgoing>,
-    /// Wakes the forwarder when the reader scheduled a repair.
-    repairs_changed: Notify,
+    /// Set by the reader when it scheduled a repair: the forwarder, polled after the reader in
+    /// the same pass, looks at its repair schedule again. A flag rather than a `Notify`, whose
+    /// waiter the forwarder would register and unregister on every delivery.
+    repairs_changed: AtomicBool,
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -223,7 +265,7 @@ where
         channel: subscription.name().to_owned(),
         user,
         shared: Arc::new(Mutex::new(Shared {
-            rooms: HashMap::new(),
+            rooms: HashMap::default(),
             directs: HashMap::new(),
             direct_heads,
             watching: false,
@@ -232,7 +274,7 @@ where
             generations: 0,
         })),
         out: Arc::clone(&out),
-        repairs_changed: Notify::new(),
+        repairs_changed: AtomicBool::new(false),
     };
     // Subscribed before registering, so a lease loss announced from here on reaches us.
     let lease_lost = inner.lease_lost.subscribe();
@@ -772,7 +814,7 @@ impl Connection {
                 self.deliver_room(&mut shared, &room, received, now)?;
             }
             drop(shared);
-            self.repairs_changed.notify_one();
+            self.repairs_changed.store(true, Ordering::Relaxed);
         }
         Ok(Ok(()))
     }
@@ -1225,7 +1267,13 @@ impl Connection {
                     }
                 }
                 () = repair_due => Box::pin(self.repair_due()).await?,
-                () = self.repairs_changed.notified() => {}
+                () = std::future::poll_fn(|_| {
+                    if self.repairs_changed.swap(false, Ordering::Relaxed) {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                }) => {}
                 () = interruptions.next() => self.suspect_everything(),
             }
         }
@@ -1270,7 +1318,9 @@ impl Connection {
                 let Some(room) = text(&first) else {
                     return Ok(None);
                 };
-                match shared.rooms.get_mut(room).map(|room| &mut **room) {
+                // One lookup per delivery: this is the hot path of every room message.
+                let Shared { rooms, repairs, .. } = shared;
+                match rooms.get_mut(room).map(|room| &mut **room) {
                     // Not (or no longer) in this room: a late frame after `leave`.
                     None => {}
                     Some(Room {
@@ -1285,7 +1335,7 @@ impl Connection {
                             *overflowed = true;
                         }
                     }
-                    Some(_) => self.deliver_room(shared, room, received, now)?,
+                    Some(entry) => self.deliver_to(entry, repairs, room, received, now)?,
                 }
             }
             Kind::Direct => self.deliver_direct(shared, received, now)?,
@@ -1302,11 +1352,23 @@ impl Connection {
         received: Received,
         now: Instant,
     ) -> Result<(), CloseReason> {
-        let grace = self.inner.config.gap_grace;
         let Shared { rooms, repairs, .. } = shared;
-        let Some(entry) = rooms.get_mut(room) else {
-            return Ok(());
-        };
+        match rooms.get_mut(room) {
+            Some(entry) => self.deliver_to(entry, repairs, room, received, now),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Connection::deliver_room`] once the room is found.
+    fn deliver_to(
+        &self,
+        entry: &mut Room,
+        repairs: &mut BinaryHeap<Reverse<(Instant, Key)>>,
+        room: &str,
+        received: Received,
+        now: Instant,
+    ) -> Result<(), CloseReason> {
+        let grace = self.inner.config.gap_grace;
         if received.kind == Kind::Count {
             // Counts travel by different paths too: an older one never replaces a newer one.
             if received.version < entry.count_version {
