@@ -248,6 +248,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ReadSide<S> {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            // Nothing to queue: an empty piece would look like a socket that takes nothing.
+            return Poll::Ready(Ok(0));
+        }
         let mut wire = self.0.lock();
         if wire.control >= MAX_CONTROL {
             // Pings answered faster than the peer reads the answers.
