@@ -92,7 +92,8 @@ proptest! {
                 prop_assert!(!error.message.is_empty());
                 let ref_ok = match value.get("ref") {
                     None | Some(Value::Null) => true,
-                    Some(Value::String(r)) => r.chars().count() <= 64,
+                    // The decoder's rule: at most 64 characters, no NUL.
+                    Some(Value::String(r)) => r.chars().count() <= 64 && !r.contains('\0'),
                     Some(_) => false,
                 };
                 // A malformed `ref` is itself a bad frame, found before the type is looked at.
