@@ -66,14 +66,19 @@ impl Socket {
             .unwrap();
     }
 
+    /// The next WebSocket message, whatever its kind.
+    pub async fn next_message(&mut self) -> Message {
+        tokio::time::timeout(ARRIVAL, self.ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("socket ended")
+            .expect("socket error")
+    }
+
     /// The next text frame as JSON (pings and pongs skipped).
     pub async fn recv(&mut self) -> Value {
         loop {
-            let message = tokio::time::timeout(ARRIVAL, self.ws.next())
-                .await
-                .expect("no frame in time")
-                .expect("socket ended")
-                .expect("socket error");
+            let message = self.next_message().await;
             match message {
                 Message::Text(text) => return serde_json::from_str(&text).unwrap(),
                 Message::Ping(_) | Message::Pong(_) => {}
@@ -708,12 +713,7 @@ pub async fn frames_of_every_size_arrive_whole_and_in_order(addr: SocketAddr) {
     let mut got = Vec::new();
     let mut pong = false;
     while got.len() < sent.len() || !pong {
-        let message = tokio::time::timeout(ARRIVAL, bob.ws.next())
-            .await
-            .expect("no frame in time")
-            .expect("socket ended")
-            .expect("socket error");
-        match message {
+        match bob.next_message().await {
             Message::Text(text) => {
                 let frame: Value = serde_json::from_str(&text).unwrap();
                 if frame["type"] == "message" {

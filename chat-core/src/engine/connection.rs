@@ -632,8 +632,6 @@ impl Connection {
                     if last_heard.elapsed() >= config.idle_timeout {
                         return Ok(CloseReason::PeerTimeout);
                     }
-                    // Gives back what a past burst of events left.
-                    self.inner.tidy_edges(Instant::now());
                     continue;
                 }
             };

@@ -81,7 +81,7 @@ impl EdgeFilter {
         true
     }
 
-    /// Forgets what is old and gives back the memory of a burst that is over; called when idle.
+    /// Forgets what is old and gives back the memory of a burst that is over; the node calls it once a heartbeat.
     pub(crate) fn tidy(&mut self, now: Instant) {
         self.forget(now);
         if self.order.capacity() > 4 * self.order.len().max(16) {

@@ -484,7 +484,7 @@ impl Inner {
         edges.admit(scope, user, version, floor, now)
     }
 
-    /// Forgets old edges and gives back the memory of a burst that is over.
+    /// Forgets old edges and gives back the memory of a burst that is over: once a heartbeat.
     pub(crate) fn tidy_edges(&self, now: tokio::time::Instant) {
         let mut edges = self.edges.lock().unwrap_or_else(PoisonError::into_inner);
         edges.tidy(now);

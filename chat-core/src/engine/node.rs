@@ -1,6 +1,7 @@
 //! This process as a node of the deployment: its registry lease, and sweeping up after dead nodes.
 //!
-//! Every `node_lease / 3` the node renews its lease and sweeps the registry. The sweep removes
+//! Every `node_lease / 3` the node renews its lease, sweeps the registry and tidies its edge
+//! filter (forgets old edges, gives back a burst's memory). The sweep removes
 //! the connections of nodes whose lease lapsed (they died without saying goodbye) and this node
 //! announces the `leave` and `offline` events those removals crossed, so a dead node's users drop
 //! out within the lease. Several nodes sweeping at once is fine: the registry reports each edge
@@ -24,6 +25,7 @@ pub(crate) async fn run(inner: Weak<Inner>, period: std::time::Duration) {
     loop {
         ticks.tick().await;
         let Some(inner) = inner.upgrade() else { return };
+        inner.tidy_edges(tokio::time::Instant::now());
         match inner
             .registry
             .heartbeat(&inner.node, inner.config.node_lease)
