@@ -7,8 +7,9 @@
 //! ```
 //!
 //! Serves the page at `/` (plain HTML, CSS and JS compiled into the binary), `/config.json` (which
-//! sign-in the page should offer), and the WebSocket endpoints `/ws` and `/ws/chat/{room}/`. On
-//! Ctrl-C or SIGTERM it stops accepting, closes every socket with 1001 and exits.
+//! sign-in the page should offer), the WebSocket endpoints `/ws` and `/ws/chat/{room}/`, and
+//! `/healthz`, `/readyz` and `/metrics` (Prometheus). On Ctrl-C or SIGTERM it stops accepting,
+//! closes every socket with 1001 and exits.
 
 mod common;
 
@@ -20,7 +21,12 @@ const STYLE_CSS: &str = include_str!("static/style.css");
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let (cli, chat, listener) = match common::start().await {
+    let common::Started {
+        cli,
+        chat,
+        listener,
+        probes,
+    } = match common::start().await {
         Ok(started) => started,
         Err(code) => return code,
     };
@@ -32,8 +38,22 @@ async fn main() -> std::process::ExitCode {
         .map(|| warp::reply::with_header(STYLE_CSS, "content-type", "text/css; charset=utf-8"));
     let config_json = warp::path!("config.json")
         .map(move || warp::reply::with_header(config.clone(), "content-type", "application/json"));
+    let probe = warp::path::full().and_then(move |path: warp::path::FullPath| {
+        let probes = probes.clone();
+        async move {
+            match probes.answer(path.as_str()).await {
+                Some((status, content_type, body)) => {
+                    let status = warp::http::StatusCode::from_u16(status)
+                        .unwrap_or(warp::http::StatusCode::INTERNAL_SERVER_ERROR);
+                    let reply = warp::reply::with_header(body, "content-type", content_type);
+                    Ok(warp::reply::with_status(reply, status))
+                }
+                None => Err(warp::reject::not_found()),
+            }
+        }
+    });
     let app = chat_ws_warp::routes(chat.clone())
-        .or(warp::get().and(page.or(app_js).or(style).or(config_json)));
+        .or(warp::get().and(page.or(app_js).or(style).or(config_json).or(probe)));
 
     let addr = listener.local_addr().map_or(cli.addr, |a| a);
     tracing::info!("chat server listening: open http://{addr}/");

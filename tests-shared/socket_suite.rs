@@ -752,6 +752,177 @@ pub async fn churn(addr: SocketAddr) {
     );
 }
 
+/// Opens `path` with extra request headers; `Err` holds the HTTP status of a refusal.
+pub async fn open_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<Socket, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(Socket { ws }),
+        Err(WsError::Http(response)) => Err(response.status().as_u16()),
+        Err(other) => panic!("expected an upgrade or an HTTP refusal, got {other}"),
+    }
+}
+
+/// A browser on another site cannot open a socket (cross-site WebSocket hijacking); the page's
+/// own origin, a listed one, and clients that are no browser (no `Origin`) can.
+pub async fn origins_are_checked_before_the_upgrade<F, Fut>(start: F)
+where
+    F: Fn(Chat) -> Fut,
+    Fut: std::future::Future<Output = SocketAddr>,
+{
+    let addr = start(dev_chat(suite_config())).await;
+    let own = format!("http://{addr}");
+    assert!(open_with(addr, "/ws?user=a", &[("origin", &own)])
+        .await
+        .is_ok());
+    assert!(open_with(addr, "/ws?user=b", &[]).await.is_ok());
+    for evil in ["https://evil.example", "null", "http://127.0.0.1:1"] {
+        assert_eq!(
+            open_with(addr, "/ws?user=c", &[("origin", evil)])
+                .await
+                .err(),
+            Some(403),
+            "{evil}"
+        );
+    }
+    let listed = ChatConfig {
+        allowed_origins: vec!["https://app.example".into()],
+        ..suite_config()
+    };
+    let addr = start(dev_chat(listed)).await;
+    let app = [("origin", "https://app.example")];
+    assert!(open_with(addr, "/ws?user=a", &app).await.is_ok());
+    assert_eq!(
+        open_with(addr, "/ws?user=b", &[("origin", "https://evil.example")])
+            .await
+            .err(),
+        Some(403)
+    );
+}
+
+/// Beyond `max_connections` the upgrade is refused with 503, beyond
+/// `max_connections_per_user` with 429; a closed connection gives its place back.
+pub async fn connection_limits_refuse_with_503_and_429<F, Fut>(start: F)
+where
+    F: Fn(Chat) -> Fut,
+    Fut: std::future::Future<Output = SocketAddr>,
+{
+    let chat = dev_chat(ChatConfig {
+        max_connections: 2,
+        max_connections_per_user: 1,
+        ..suite_config()
+    });
+    let addr = start(chat.clone()).await;
+    let alice = connect(addr, "alice").await;
+    assert_eq!(
+        open_with(addr, "/ws?user=alice", &[]).await.err(),
+        Some(429)
+    );
+    let mut bob = connect(addr, "bob").await;
+    assert_eq!(
+        open_with(addr, "/ws?user=carol", &[]).await.err(),
+        Some(503)
+    );
+    assert_eq!(chat.connections(), 2);
+    // Those already in are not disturbed.
+    bob.join("lobby").await;
+    drop(alice);
+    let deadline = tokio::time::Instant::now() + ARRIVAL;
+    while chat.connections() > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice's place was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    connect(addr, "carol").await;
+}
+
+/// A client that stops reading is cut (1008) once it is over its budget; when it reads again,
+/// it finds the close frame behind whatever was already on its way, not a reset connection,
+/// and the frames still queued for it were dropped rather than sent first.
+pub async fn a_slow_consumer_reads_its_close_frame_when_it_reads_again<F, Fut>(start: F)
+where
+    F: Fn(Chat) -> Fut,
+    Fut: std::future::Future<Output = SocketAddr>,
+{
+    let chat = dev_chat(ChatConfig {
+        outbound_budget: 64 * 1024,
+        write_timeout: Duration::from_secs(1),
+        slow_close_grace: Duration::from_secs(10),
+        ..suite_config()
+    });
+    let addr = start(chat.clone()).await;
+    // A small receive buffer, so the reader's side fills after a few frames.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4 * 1024).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let url = format!("ws://{addr}/ws?user=reader");
+    let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    let mut reader = Socket { ws };
+    reader.recv_type("welcome").await;
+    reader.join("lobby").await;
+    let mut sender = connect(addr, "sender").await;
+    sender.join("lobby").await;
+    // The reader stops reading. The sender fills every buffer between them: the reader's
+    // socket, the server's, then the reader's outbound budget.
+    let body = "x".repeat(4_000);
+    let mut sent = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while chat.connections() > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reader was never cut"
+        );
+        // A few at a time: the sender's own echoes count against its budget too.
+        for _ in 0..4 {
+            sender
+                .send(json!({"type": "send", "room": "lobby", "body": body}))
+                .await;
+            sent += 1;
+        }
+        // Keep the sender's own echoes and acks moving.
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(5), sender.ws.next()).await
+        {}
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The server has given up on the reader. Now it reads.
+    let mut messages = 0u64;
+    let code = loop {
+        let message = tokio::time::timeout(ARRIVAL, reader.ws.next())
+            .await
+            .expect("nothing more, and no close frame");
+        match message {
+            Some(Ok(Message::Text(_))) => messages += 1,
+            Some(Ok(Message::Close(Some(frame)))) => break u16::from(frame.code),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected frames then a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, 1008);
+    assert!(messages < sent, "{messages} of {sent}: nothing was dropped");
+    // The sender was never disturbed.
+    sender
+        .send(json!({"type": "send", "room": "lobby", "body": "still here", "ref": "last"}))
+        .await;
+    loop {
+        let frame = sender.recv().await;
+        if frame["type"] == "ack" && frame["ref"] == "last" {
+            break;
+        }
+    }
+}
+
 pub fn suite_config() -> ChatConfig {
     ChatConfig {
         max_frame_bytes: 8 * 1024,
@@ -762,9 +933,18 @@ pub fn suite_config() -> ChatConfig {
     }
 }
 
-/// Expands to one `#[tokio::test]` per check, each on a fresh server from `$start`.
+/// Expands to one `#[tokio::test]` per check, each on a fresh server from `$start` (the checks
+/// under `@own_chat` build their own `Chat`s and start servers with `$start` themselves).
 #[macro_export]
 macro_rules! socket_suite {
+    (@own_chat $start:path; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                socket_suite::$check($start).await;
+            }
+        )*
+    };
     ($start:path) => {
         $crate::socket_suite!(@each $start;
             rooms_messages_and_membership, the_room_route_joins_at_once, direct_messages_are_private,
@@ -775,6 +955,10 @@ macro_rules! socket_suite {
             frames_of_every_size_arrive_whole_and_in_order, churn);
     };
     (@each $start:path; $($check:ident),* $(,)?) => {
+        $crate::socket_suite!(@own_chat $start;
+            origins_are_checked_before_the_upgrade, connection_limits_refuse_with_503_and_429,
+            a_slow_consumer_reads_its_close_frame_when_it_reads_again);
+
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn jwt_handshakes() {
             let addr = $start(socket_suite::jwt_chat()).await;

@@ -84,6 +84,21 @@ pub struct ChatConfig {
     /// A connection from which nothing (no frame, no pong) arrived for this long is closed as
     /// dead, so half-open sockets do not stay "online". Default 75 s.
     pub idle_timeout: Duration,
+    /// Connections this node serves at once; [`Chat::admit`](crate::Chat::admit) refuses more
+    /// (HTTP 503). Default 100,000.
+    pub max_connections: usize,
+    /// Connections one user may hold on this node at once (tabs, devices); more are refused
+    /// (HTTP 429). Default 32.
+    pub max_connections_per_user: usize,
+    /// Page origins allowed to open sockets besides the server's own (the request's `Host`),
+    /// such as `https://app.example`; `"*"` allows any. Others are refused (HTTP 403).
+    /// Default: none.
+    pub allowed_origins: Vec<String>,
+    /// How long a client cut for not reading (1008) keeps its socket: what was already on its
+    /// way is finished, queued frames are dropped, the close frame follows, and what the client
+    /// sends is read and discarded, so a client that reads again learns why it was cut. Default
+    /// 10 s.
+    pub slow_close_grace: Duration,
 }
 
 impl Default for ChatConfig {
@@ -114,6 +129,10 @@ impl Default for ChatConfig {
             member_count_interval: Duration::from_secs(1),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
+            max_connections: 100_000,
+            max_connections_per_user: 32,
+            allowed_origins: Vec::new(),
+            slow_close_grace: Duration::from_secs(10),
         }
     }
 }

@@ -20,6 +20,8 @@
 //! - [`policy`]: the host's allow/refuse hook for joins, sends and direct messages.
 //! - [`config`]: every limit of the engine, in one struct.
 //! - [`names`]: the protocol's room and user naming rules.
+//! - [`metrics`]: what the engine measures (connections, frames, errors, backend latency),
+//!   through the `metrics` facade.
 //!
 //! A frame's journey: the adapter hands an [`Inbound`](engine::Inbound) text frame to the engine,
 //! which decodes it ([`protocol`]), checks limits and the [`policy`], stores a message in the
@@ -33,6 +35,7 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod layer;
+pub mod metrics;
 pub mod names;
 pub mod policy;
 pub mod protocol;

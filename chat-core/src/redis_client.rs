@@ -53,7 +53,11 @@ where
     Fut: Future<Output = RedisResult<T>>,
 {
     match call().await {
-        Err(error) if never_sent(&error) => call().await,
+        Err(error) if never_sent(&error) => {
+            metrics::counter!(crate::metrics::REDIS_RECONNECTS, "connection" => "command")
+                .increment(1);
+            call().await
+        }
         other => other,
     }
 }

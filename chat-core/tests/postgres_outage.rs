@@ -141,8 +141,18 @@ async fn the_database_going_away_makes_sends_unavailable_and_the_node_recovers_b
     alice.join("lobby").await;
     bob.join("lobby").await;
     let mut acked = vec![send(&mut alice, "before").await.unwrap()];
+    chat.ready().await.expect("ready with the database up");
 
     proxy.cut();
+    // A readiness probe says so, and which backend.
+    let not_ready = chat
+        .ready()
+        .await
+        .expect_err("ready with the database away");
+    assert!(
+        not_ready.to_string().contains("store") || not_ready.to_string().contains("postgres"),
+        "{not_ready}"
+    );
     let mut refused = 0;
     for i in 0..3 {
         match send(&mut alice, &format!("during-{i}")).await {
@@ -171,6 +181,9 @@ async fn the_database_going_away_makes_sends_unavailable_and_the_node_recovers_b
         tokio::time::sleep(Duration::from_millis(200)).await;
         i += 1;
     }
+    chat.ready()
+        .await
+        .expect("ready again once the database is back");
 
     // What was acknowledged is stored, and bob got exactly that.
     alice

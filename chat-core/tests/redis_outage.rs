@@ -125,9 +125,11 @@ async fn a_redis_restart_refuses_sends_meanwhile_and_loses_nothing_acknowledged(
             .is_some());
     }
 
+    sender_node.ready().await.expect("ready with Redis up");
     // Redis dies under traffic: sends are refused (or, if one was stored just before, acked
-    // later), never acked for nothing.
+    // later), never acked for nothing; a readiness probe says the node cannot serve.
     redis.kill();
+    assert!(sender_node.ready().await.is_err(), "ready with Redis down");
     let mut refused = 0;
     for i in 0..5 {
         if send(&mut alice, &format!("during-{i}"), &mut acked)
@@ -155,6 +157,15 @@ async fn a_redis_restart_refuses_sends_meanwhile_and_loses_nothing_acknowledged(
         assert!(send(&mut alice, &format!("after-more-{j}"), &mut acked)
             .await
             .is_some());
+    }
+    // Ready again once the pub/sub connections are back too (they may trail the commands).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while let Err(error) = reader_node.ready().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready again: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     // Every acknowledged message is in history, under the id its ack gave, once, in order.

@@ -3,9 +3,10 @@
 //!
 //! [`serve`] runs the accept loop: for each connection it reads the HTTP upgrade request's head
 //! (bounded in size and time), maps the path with [`route`] (404 otherwise), checks the
-//! WebSocket handshake headers ([`upgrade`]: 400 with the reason), asks the [`Chat`]'s
-//! authenticator (async: it may call a database; 401 when it refuses), answers 101 and hands the
-//! connection to [`serve_io`].
+//! WebSocket handshake headers ([`upgrade`]: 400 with the reason), asks [`Chat::admit`] (the
+//! `Origin`, the authenticator, which may call a database, and the connection limits: 403, 401,
+//! 429 or 503 when it refuses), answers 101 and hands the connection to [`serve_io`].
+//! [`serve_with`] also answers plain `GET`s for other paths (health checks, metrics).
 //!
 //! [`serve_io`] is the part after the handshake: tungstenite reads the client's frames, and the
 //! engine's frames are written here, each a small header beside the engine's shared `Bytes`, so
@@ -15,6 +16,11 @@
 //!
 //! On shutdown (the future passed to [`serve`] completes) it stops accepting, closes every socket
 //! with 1001 through [`Chat::shutdown`], and waits a few seconds for connections to finish.
+//!
+//! A client the engine cuts for not reading (1008) is not simply dropped: the frames queued for
+//! it are, the one already half on the wire is finished, the close frame follows, and the socket
+//! is kept, reading and discarding, for `ChatConfig::slow_close_grace`, so a client that reads
+//! again learns why it was cut instead of finding the connection reset.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -33,6 +39,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,6 +51,7 @@ use futures::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -64,14 +72,65 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// How long shutdown waits for connections to finish after closing them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A plain HTTP answer to a `GET` that is no chat route (a health check, metrics): see
+/// [`serve_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// The status code, such as 200 or 503.
+    pub status: u16,
+    /// The `Content-Type`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: String,
+}
+
+type HttpHandler =
+    Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Option<HttpResponse>> + Send>> + Send + Sync>;
+
 /// Accepts connections on `listener` and speaks the chat protocol on each, until `shutdown`
 /// completes; then closes every connection with 1001 and returns once they are done (or after a
-/// few seconds).
+/// few seconds). Every other path is answered 404.
 pub async fn serve(
     listener: TcpListener,
     chat: Chat,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    serve_with(listener, chat, shutdown, |_| async { None }).await
+}
+
+/// [`serve`], with `http` answering `GET` requests for paths that are no chat route: it gets
+/// the path and returns the answer, or `None` for 404. This is how a service with no web
+/// framework serves `/healthz`, `/readyz` or `/metrics` on the same port.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use chat_core::{auth::DevAuthenticator, Chat};
+/// use chat_ws_tungstenite::HttpResponse;
+///
+/// # #[tokio::main] async fn main() -> std::io::Result<()> {
+/// let chat = Chat::builder().authenticator(Arc::new(DevAuthenticator)).build();
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8001").await?;
+/// let health = |path: String| async move {
+///     (path == "/healthz").then(|| HttpResponse {
+///         status: 200,
+///         content_type: "text/plain",
+///         body: "ok".into(),
+///     })
+/// };
+/// chat_ws_tungstenite::serve_with(listener, chat, std::future::pending(), health).await
+/// # }
+/// ```
+pub async fn serve_with<H, F>(
+    listener: TcpListener,
+    chat: Chat,
+    shutdown: impl Future<Output = ()>,
+    http: H,
+) -> io::Result<()>
+where
+    H: Fn(String) -> F + Send + Sync + 'static,
+    F: Future<Output = Option<HttpResponse>> + Send + 'static,
+{
+    let http: HttpHandler = Arc::new(move |path| Box::pin(http(path)));
     // Each connection task holds a clone of `alive`; when all are dropped, `done` yields None.
     let (alive, mut done) = mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
@@ -82,10 +141,11 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     let chat = chat.clone();
                     let alive = alive.clone();
+                    let http = Arc::clone(&http);
                     tokio::spawn(async move {
                         // Each phase boxed: the task keeps no room for the handshake while
                         // it serves, and the socket's future is allocated at its own size.
-                        match Box::pin(handshake(stream, &chat)).await {
+                        match Box::pin(handshake(stream, &chat, &http)).await {
                             Ok(Some(upgraded)) => {
                                 let Upgraded { stream, session, read_ahead } = upgraded;
                                 Box::pin(serve_io(&chat, session, stream, read_ahead)).await;
@@ -121,7 +181,11 @@ struct Upgraded {
 }
 
 /// Reads and answers the upgrade request: `None` when it was refused (and told why).
-async fn handshake(mut stream: TcpStream, chat: &Chat) -> io::Result<Option<Upgraded>> {
+async fn handshake(
+    mut stream: TcpStream,
+    chat: &Chat,
+    http: &HttpHandler,
+) -> io::Result<Option<Upgraded>> {
     let _ = stream.set_nodelay(true);
     let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
         .await
@@ -135,7 +199,20 @@ async fn handshake(mut stream: TcpStream, chat: &Chat) -> io::Result<Option<Upgr
         accept,
     } = request;
     let Some(route) = route(&handshake.path) else {
-        return refuse(stream, "404 Not Found", "", "not found").await;
+        return match http(handshake.path).await {
+            Some(answer) => {
+                let status = StatusCode::from_u16(answer.status)
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let status = format!(
+                    "{} {}",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or("")
+                );
+                let content_type = format!("content-type: {}\r\n", answer.content_type);
+                respond(stream, &status, &content_type, &answer.body).await
+            }
+            None => refuse(stream, "404 Not Found", "", "not found").await,
+        };
     };
     let accept = match accept {
         Ok(accept) => accept,
@@ -150,11 +227,17 @@ async fn handshake(mut stream: TcpStream, chat: &Chat) -> io::Result<Option<Upgr
             return refuse(stream, "400 Bad Request", extra, refusal.reason()).await;
         }
     };
-    let user = match chat.authenticate(&handshake).await {
-        Ok(user) => user,
-        Err(error) => {
-            tracing::info!(%error, path = handshake.path, "handshake refused");
-            return refuse(stream, "401 Unauthorized", "", &error.to_string()).await;
+    let session = match chat.admit(&handshake, route).await {
+        Ok(session) => session,
+        Err(denied) => {
+            tracing::info!(%denied, path = handshake.path, "handshake refused");
+            let (status, extra) = match denied.status() {
+                401 => ("401 Unauthorized", ""),
+                403 => ("403 Forbidden", ""),
+                429 => ("429 Too Many Requests", "retry-after: 5\r\n"),
+                _ => ("503 Service Unavailable", "retry-after: 5\r\n"),
+            };
+            return refuse(stream, status, extra, &denied.to_string()).await;
         }
     };
     // Nothing of the request is kept for the connection's life.
@@ -167,7 +250,7 @@ async fn handshake(mut stream: TcpStream, chat: &Chat) -> io::Result<Option<Upgr
     let read_ahead = head[len..].to_vec();
     Ok(Some(Upgraded {
         stream,
-        session: Session::new(user, route),
+        session,
         read_ahead,
     }))
 }
@@ -209,18 +292,70 @@ where
     .await;
     // Boxed: the engine's future keeps its stream by value, twice (rustc keeps an async fn's
     // arguments apart from its locals).
-    let frames = Box::pin(Frames {
+    let mut frames = Box::pin(Frames {
         socket,
         wire: wire.clone(),
         done: false,
     });
     let reason = chat
-        .serve(session, frames, wire::WireSink(wire.clone()))
+        .serve(session, &mut frames, wire::WireSink(wire.clone()))
         .await;
-    // What is still queued (the answer to the client's close frame) goes out before the socket
-    // is dropped, unless the client takes nothing for a moment.
-    let _ = tokio::time::timeout(CLOSE_FLUSH, std::future::poll_fn(|cx| wire.poll_flush(cx))).await;
+    match reason.close_frame() {
+        Some((code, text)) if reason == CloseReason::SlowConsumer => {
+            // Cut for not reading: drop what is queued, finish what is on the wire, then the
+            // close frame; and keep reading (and discarding) for a while, so a client that
+            // reads again gets the close frame and knows to resume, instead of a reset.
+            wire.abandon(code, text);
+            let grace = chat.config().slow_close_grace;
+            let _ = tokio::time::timeout(grace, linger(&wire, &mut frames)).await;
+        }
+        _ => {
+            // What is still queued (the answer to the client's close frame) goes out before
+            // the socket is dropped, unless the client takes nothing for a moment.
+            let _ = tokio::time::timeout(CLOSE_FLUSH, linger(&wire, &mut frames)).await;
+        }
+    }
     reason
+}
+
+/// Writes what is queued, then shuts the sending side, reading and discarding what the client
+/// sends meanwhile, until the client closes its side too (or a write fails). Dropping a socket
+/// with unread input makes the kernel answer with a reset, which can destroy the close frame
+/// still in the client's receive buffer; reading to the end avoids that.
+async fn linger<S>(wire: &wire::Shared<S>, frames: &mut Pin<Box<Frames<S>>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut flushed, mut shut, mut ended) = (false, false, false);
+    std::future::poll_fn(|cx| {
+        if !flushed {
+            match wire.poll_flush(cx) {
+                Poll::Ready(Ok(())) => flushed = true,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => {}
+            }
+        }
+        if flushed && !shut {
+            match wire.poll_shutdown(cx) {
+                Poll::Ready(Ok(())) => shut = true,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => {}
+            }
+        }
+        while !ended {
+            match frames.as_mut().poll_next(cx) {
+                Poll::Ready(Some(_)) => {}
+                Poll::Ready(None) => ended = true,
+                Poll::Pending => break,
+            }
+        }
+        if shut && ended {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// The client's frames as the engine takes them. Each poll first writes what tungstenite queued
@@ -331,13 +466,24 @@ fn parse_head(head: &[u8]) -> Option<Request> {
 
 /// Answers a refused request and closes: the handshake's `None`.
 async fn refuse(
+    stream: TcpStream,
+    status: &str,
+    headers: &str,
+    body: &str,
+) -> io::Result<Option<Upgraded>> {
+    let headers = format!("content-type: text/plain; charset=utf-8\r\n{headers}");
+    respond(stream, status, &headers, body).await
+}
+
+/// Answers a request that is no upgrade and closes.
+async fn respond(
     mut stream: TcpStream,
     status: &str,
     headers: &str,
     body: &str,
 ) -> io::Result<Option<Upgraded>> {
     let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{headers}connection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{headers}connection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;

@@ -86,6 +86,16 @@ impl Piece {
         usize::from(self.head_len) + self.payload.len()
     }
 
+    /// Whether this is a close frame (ours, or tungstenite's reply).
+    fn is_close(&self) -> bool {
+        let first = if self.head_len > 0 {
+            self.head[0]
+        } else {
+            self.payload.first().copied().unwrap_or(0)
+        };
+        first & 0x0f == OP_CLOSE
+    }
+
     /// What is left to write, as at most two slices.
     fn remaining(&self) -> (&[u8], &[u8]) {
         let head_len = usize::from(self.head_len);
@@ -207,6 +217,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Shared<S> {
         wire.push(Piece::frame(OP_CLOSE, payload));
     }
 
+    /// Gives up on a client that does not read: every queued frame not yet begun is dropped,
+    /// the one half on the wire is finished (so the stream stays well-formed), and the close
+    /// frame goes behind it, unless a close frame is already the one on the wire.
+    pub(crate) fn abandon(&self, code: u16, reason: &str) {
+        let mut wire = self.lock();
+        let started = wire.queue.front().is_some_and(|piece| piece.written > 0);
+        wire.queue.truncate(usize::from(started));
+        wire.queued = wire.queue.iter().map(|p| p.len() - p.written).sum();
+        wire.control = wire.queue.iter().filter(|p| p.head_len == 0).count();
+        let closing = wire.queue.front().is_some_and(Piece::is_close);
+        wire.closed = true;
+        if !closing {
+            wire.push(close_frame(code, reason));
+        }
+    }
+
+    /// Shuts the socket's sending side (a TCP FIN after what was written).
+    pub(crate) fn poll_shutdown(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.lock().io).poll_shutdown(cx)
+    }
+
     /// Writes everything queued, then flushes the socket.
     pub(crate) fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut wire = self.lock();
@@ -253,6 +284,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ReadSide<S> {
             return Poll::Ready(Ok(0));
         }
         let mut wire = self.0.lock();
+        if wire.closed {
+            // Our close frame is queued or sent: nothing may follow it (a reply to the peer's
+            // close, read while we linger, is not needed any more).
+            return Poll::Ready(Ok(buf.len()));
+        }
         if wire.control >= MAX_CONTROL {
             // Pings answered faster than the peer reads the answers.
             return Poll::Ready(Err(io::Error::other("peer does not read its pongs")));
@@ -271,6 +307,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ReadSide<S> {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+}
+
+/// A close frame with `code` and as much of `reason` as fits (a control frame's payload is at
+/// most 125 bytes: the code and 123 of reason).
+fn close_frame(code: u16, reason: &str) -> Piece {
+    let reason = &reason.as_bytes()[..reason.len().min(123)];
+    let mut payload = Vec::with_capacity(2 + reason.len());
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(reason);
+    Piece::frame(OP_CLOSE, Bytes::from(payload))
 }
 
 /// The engine's frames to the socket: a `Sink` of [`Outbound`] that queues each frame (header
@@ -302,12 +348,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Outbound> for WireSink<S> {
             Outbound::Ping => Piece::frame(OP_PING, Bytes::new()),
             Outbound::Close { code, reason } => {
                 wire.closed = true;
-                // A control frame's payload is at most 125 bytes: the code and 123 of reason.
-                let reason = &reason.as_bytes()[..reason.len().min(123)];
-                let mut payload = Vec::with_capacity(2 + reason.len());
-                payload.extend_from_slice(&code.to_be_bytes());
-                payload.extend_from_slice(reason);
-                Piece::frame(OP_CLOSE, Bytes::from(payload))
+                close_frame(code, reason)
             }
         };
         wire.push(piece);

@@ -48,3 +48,31 @@ async fn shutdown_closes_every_socket_with_1001_and_returns() {
         "still accepting"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_answers_plain_get_requests_beside_the_chat_routes() {
+    let chat = socket_suite::dev_chat(socket_suite::suite_config());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let http = |path: String| async move {
+        (path == "/healthz").then(|| chat_ws_tungstenite::HttpResponse {
+            status: 503,
+            content_type: "text/plain",
+            body: "not yet".into(),
+        })
+    };
+    tokio::spawn(chat_ws_tungstenite::serve_with(
+        listener,
+        chat,
+        std::future::pending(),
+        http,
+    ));
+    let answer = socket_suite::raw(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer}");
+    assert!(answer.contains("content-type: text/plain\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nnot yet"), "{answer}");
+    let answer = socket_suite::raw(addr, "GET /other HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    // The chat routes are still the chat's.
+    socket_suite::connect(addr, "alice").await;
+}

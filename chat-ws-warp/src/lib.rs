@@ -1,10 +1,11 @@
 //! chat-ws-warp: carries chat-core over warp WebSockets.
 //!
 //! [`routes`] is a warp filter for `GET /ws` and `GET /ws/chat/{room}/`. For each upgrade request
-//! it checks the WebSocket handshake headers (400 with the reason when they are wrong), asks the
-//! [`Chat`]'s authenticator about the handshake (path, query, headers) and answers 401 before
-//! upgrading when it refuses; otherwise it answers 101 and, once hyper hands over the connection,
-//! speaks WebSocket on it with tokio-tungstenite and hands the socket's frames to [`Chat::serve`].
+//! it checks the WebSocket handshake headers (400 with the reason when they are wrong), asks
+//! [`Chat::admit`] about the handshake (its `Origin`, its credentials, the connection limits)
+//! and answers 403, 401, 429 or 503 before upgrading when it refuses; otherwise it answers 101
+//! and, once hyper hands over the connection, speaks WebSocket on it with tokio-tungstenite and
+//! hands the socket's frames to [`Chat::serve`].
 //!
 //! Thin on purpose: message conversion, handshake mapping and socket options only. Heartbeats,
 //! limits, rooms and everything else are the engine's, so the tungstenite adapter behaves the
@@ -43,14 +44,14 @@
 //! ```
 
 use chat_core::auth::Handshake;
-use chat_core::engine::{route, Route, Session};
+use chat_core::engine::{route, Session};
 use chat_core::Chat;
 use chat_ws_tungstenite::upgrade::{self, Refusal};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use warp::filters::path::FullPath;
 use warp::http::header::{
-    HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_VERSION, UPGRADE,
+    HeaderValue, CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::{Reply, Response};
@@ -61,8 +62,9 @@ use warp::{Filter, Rejection};
 ///
 /// A `GET` for one of these paths is answered here: 400 with the reason when it is not a valid
 /// WebSocket handshake (RFC 6455: `Connection: upgrade`, `Upgrade: websocket`,
-/// `Sec-WebSocket-Version: 13`, a `Sec-WebSocket-Key` of 16 bytes in base64, over HTTP/1.1), 401
-/// when the authenticator refuses it, else 101 and the chat protocol on the socket. Other paths
+/// `Sec-WebSocket-Version: 13`, a `Sec-WebSocket-Key` of 16 bytes in base64, over HTTP/1.1),
+/// 403/401/429/503 when [`Chat::admit`] refuses it, else 101 and the chat protocol on the
+/// socket. Other paths
 /// under `/ws/` and other methods are rejected, for the host's routes to take.
 pub fn routes(chat: Chat) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
@@ -124,21 +126,26 @@ async fn upgrade(
     };
     // Not kept across the authenticator's await (which may call a database).
     drop(headers);
-    let user = match chat.authenticate(&handshake).await {
-        Ok(user) => user,
-        Err(error) => {
-            tracing::info!(%error, path = path.as_str(), "handshake refused");
-            return Ok(
-                warp::reply::with_status(error.to_string(), StatusCode::UNAUTHORIZED)
-                    .into_response(),
-            );
+    let session = match chat.admit(&handshake, route).await {
+        Ok(session) => session,
+        Err(denied) => {
+            tracing::info!(%denied, path = path.as_str(), "handshake refused");
+            let status =
+                StatusCode::from_u16(denied.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let mut response = warp::reply::with_status(denied.to_string(), status).into_response();
+            if matches!(denied.status(), 429 | 503) {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            return Ok(response);
         }
     };
     // hyper completes the upgrade after it has written the 101 below; if the connection fails
     // first, `on_upgrade` resolves to an error and nothing is served.
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => serve(chat, user, route, upgraded).await,
+            Ok(upgraded) => serve(chat, session, upgraded).await,
             Err(error) => tracing::debug!(%error, "upgrade failed"),
         }
     });
@@ -151,11 +158,11 @@ async fn upgrade(
     Ok(response)
 }
 
-async fn serve(chat: Chat, user: String, route: Route, upgraded: hyper::upgrade::Upgraded) {
+async fn serve(chat: Chat, session: Session, upgraded: hyper::upgrade::Upgraded) {
     // The same socket settings and frame writing as the tungstenite adapter. hyper's `Upgraded`
     // gives back what it read past the request itself, so nothing is read ahead here.
     let io = TokioIo::new(upgraded);
-    chat_ws_tungstenite::serve_io(&chat, Session::new(user, route), io, Vec::new()).await;
+    chat_ws_tungstenite::serve_io(&chat, session, io, Vec::new()).await;
 }
 
 /// A refused upgrade as a reply: 400 with the reason.

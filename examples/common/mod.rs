@@ -16,6 +16,7 @@ use chat_core::store::{
 };
 use chat_core::{Chat, ChatConfig};
 use clap::{Parser, ValueEnum};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Which authentication the server runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -107,6 +108,23 @@ pub(crate) struct Cli {
     /// Most messages a resuming join (`since`) returns before the client pages.
     #[arg(long, env = "CHAT_RESUME_LIMIT", default_value_t = ChatConfig::default().resume_limit)]
     pub(crate) resume_limit: usize,
+    /// Connections this server serves at once; more are refused with HTTP 503.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = ChatConfig::default().max_connections)]
+    pub(crate) max_connections: usize,
+    /// Connections one user may hold on this server at once; more are refused with HTTP 429.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_USER", default_value_t = ChatConfig::default().max_connections_per_user)]
+    pub(crate) max_connections_per_user: usize,
+    /// Page origins allowed to open WebSockets besides the server's own (comma-separated, such
+    /// as `https://app.example`; `*` allows any). Others are refused with HTTP 403.
+    #[arg(
+        long = "allowed-origin",
+        env = "CHAT_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub(crate) allowed_origins: Vec<String>,
+    /// Seconds a client cut for not reading keeps its socket to learn why (close 1008).
+    #[arg(long, env = "CHAT_SLOW_CLOSE_GRACE", default_value_t = ChatConfig::default().slow_close_grace.as_secs())]
+    pub(crate) slow_close_grace: u64,
     /// Authentication.
     #[arg(long, env = "CHAT_AUTH", value_enum, default_value = "dev")]
     pub(crate) auth: AuthMode,
@@ -142,6 +160,15 @@ impl Cli {
             connection_backlog: self.connection_backlog.max(1),
             max_rooms_per_connection: self.max_rooms.max(1),
             resume_limit: self.resume_limit.max(1),
+            max_connections: self.max_connections,
+            max_connections_per_user: self.max_connections_per_user.max(1),
+            allowed_origins: self
+                .allowed_origins
+                .iter()
+                .map(|origin| origin.trim().to_owned())
+                .filter(|origin| !origin.is_empty())
+                .collect(),
+            slow_close_grace: Duration::from_secs(self.slow_close_grace),
             ..ChatConfig::default()
         };
         let mut builder = Chat::builder().authenticator(authenticator);
@@ -245,20 +272,112 @@ impl Cli {
     }
 }
 
-/// What both servers do first: logging, flags, the chat server, the listener. On failure it says
-/// why on stderr and gives the exit code to return.
-pub(crate) async fn start() -> Result<(Cli, Chat, tokio::net::TcpListener), std::process::ExitCode>
-{
+/// What a server is made of once started.
+pub(crate) struct Started {
+    pub(crate) cli: Cli,
+    pub(crate) chat: Chat,
+    pub(crate) listener: tokio::net::TcpListener,
+    pub(crate) probes: Probes,
+}
+
+/// What both servers do first: logging, flags, metrics, the chat server, the listener. On
+/// failure it says why on stderr and gives the exit code to return.
+pub(crate) async fn start() -> Result<Started, std::process::ExitCode> {
     init_logging();
     let cli = Cli::parse();
     let fail = |message: String| {
         eprintln!("error: {message}");
         std::process::ExitCode::FAILURE
     };
+    // Before the `Chat` is built: it looks up its metric handles once, from this recorder.
+    let metrics = install_metrics().map_err(fail)?;
     let chat = cli.build().await.map_err(fail)?;
     let listener = listen(cli.addr)
         .map_err(|error| fail(format!("cannot listen on {}: {error}", cli.addr)))?;
-    Ok((cli, chat, listener))
+    let probes = Probes {
+        chat: chat.clone(),
+        metrics,
+    };
+    Ok(Started {
+        cli,
+        chat,
+        listener,
+        probes,
+    })
+}
+
+/// Latency buckets of the store and layer histograms, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// The Prometheus recorder, installed for the whole process, with its upkeep running.
+fn install_metrics() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&LATENCY_BUCKETS)
+        .and_then(PrometheusBuilder::install_recorder)
+        .map_err(|error| format!("cannot install the metrics recorder: {error}"))?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// The operational endpoints both servers answer on their WebSocket port.
+#[derive(Clone)]
+pub(crate) struct Probes {
+    chat: Chat,
+    metrics: PrometheusHandle,
+}
+
+/// An answer to a probe: status, content type, body.
+pub(crate) type ProbeAnswer = (u16, &'static str, String);
+
+impl Probes {
+    /// `/healthz`: the process is up and serving HTTP.
+    pub(crate) fn health(&self) -> ProbeAnswer {
+        (200, "text/plain; charset=utf-8", "ok\n".into())
+    }
+
+    /// `/readyz`: the history store, the channel layer and the registry answer; 503 with the
+    /// reason when one does not (a load balancer then sends new clients elsewhere).
+    pub(crate) async fn ready(&self) -> ProbeAnswer {
+        match self.chat.ready().await {
+            Ok(()) => (200, "text/plain; charset=utf-8", "ready\n".into()),
+            Err(error) => (
+                503,
+                "text/plain; charset=utf-8",
+                format!("not ready: {error}\n"),
+            ),
+        }
+    }
+
+    /// `/metrics`: Prometheus text format.
+    pub(crate) fn metrics(&self) -> ProbeAnswer {
+        let stats = self.chat.layer_stats();
+        metrics::counter!("chat_layer_group_send_dropped_total").absolute(stats.group_send_dropped);
+        metrics::counter!("chat_layer_expired_messages_total").absolute(stats.expired_messages);
+        (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            self.metrics.render(),
+        )
+    }
+
+    /// The answer for `path`, if it is one of the probes.
+    pub(crate) async fn answer(&self, path: &str) -> Option<ProbeAnswer> {
+        match path {
+            "/healthz" => Some(self.health()),
+            "/readyz" => Some(self.ready().await),
+            "/metrics" => Some(self.metrics()),
+            _ => None,
+        }
+    }
 }
 
 /// Connections the kernel may hold before the server accepts them. tokio's `bind` asks for 128,

@@ -244,13 +244,17 @@ where
     I: Stream<Item = Inbound> + Send + Unpin,
     O: Sink<Outbound> + Send + Unpin,
 {
-    let Session { user, room } = session;
+    let Session { user, room, slot } = session;
+    // Held until the connection is over: its place in the node's limits and gauge.
+    let _slot = slot.unwrap_or_else(|| inner.admissions.take(&user, &inner.metrics));
+    inner.metrics.connections_opened.increment(1);
     tracing::info!(user, ?room, "connection opened");
     let opened = match open(&inner, &user).await {
         Ok(opened) => opened,
         Err(error) => {
             tracing::error!(%error, user, "connection setup failed");
             close(&mut outbound, CloseReason::Unavailable).await;
+            inner.metrics.closed(CloseReason::Unavailable);
             return CloseReason::Unavailable;
         }
     };
@@ -286,6 +290,7 @@ where
     if connection.register().await.is_err() {
         guard.finish().await;
         close(&mut outbound, CloseReason::Unavailable).await;
+        inner.metrics.closed(CloseReason::Unavailable);
         return CloseReason::Unavailable;
     }
 
@@ -312,7 +317,7 @@ where
             biased;
             reason = start => either(reason),
             reason = connection.forward_loop(subscription) => either(reason),
-            reason = write_loop(&out, &mut outbound, &inner.config) => reason,
+            reason = write_loop(&out, &mut outbound, &inner) => reason,
         }
     };
     // The subscription is dropped by now, so the layer has already forgotten the channel.
@@ -328,6 +333,7 @@ where
     }
     out.close();
     close(&mut outbound, reason).await;
+    inner.metrics.closed(reason);
     reason
 }
 
@@ -361,6 +367,13 @@ async fn open(inner: &Arc<Inner>, user: &str) -> Result<Opened, ChatError> {
 async fn close<O: Sink<Outbound> + Unpin>(outbound: &mut O, reason: CloseReason) {
     if let Some((code, text)) = reason.close_frame() {
         let frame = Outbound::Close { code, reason: text };
+        if reason == CloseReason::SlowConsumer {
+            // The client takes nothing: waiting for it would only hold the connection. The
+            // frame is queued if the sink takes it now; the adapter may do better (ours drop
+            // what is queued and keep the socket for `slow_close_grace`).
+            let _ = futures::FutureExt::now_or_never(outbound.feed(frame));
+            return;
+        }
         // A client that is not reading may never take the close frame; give up after a moment.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, outbound.send(frame)).await;
     }
@@ -371,8 +384,9 @@ async fn close<O: Sink<Outbound> + Unpin>(outbound: &mut O, reason: CloseReason)
 async fn write_loop<O: Sink<Outbound> + Unpin>(
     out: &Outgoing,
     outbound: &mut O,
-    config: &crate::ChatConfig,
+    inner: &Inner,
 ) -> CloseReason {
+    let config = &inner.config;
     let start = tokio::time::Instant::now() + config.ping_interval;
     let mut ping = tokio::time::interval_at(start, config.ping_interval);
     let mut batch = Vec::new();
@@ -388,6 +402,7 @@ async fn write_loop<O: Sink<Outbound> + Unpin>(
             tokio::task::yield_now().await;
             bytes += out.take_now(&mut batch, WRITE_BATCH.saturating_sub(bytes));
         }
+        inner.metrics.frames_out(&batch);
         let write = async {
             if batch.is_empty() {
                 outbound.feed(Outbound::Ping).await?;
@@ -560,6 +575,7 @@ impl Connection {
         match handled? {
             Ok(()) => Ok(()),
             Err(Refused { code, message }) => {
+                self.inner.metrics.error(code);
                 self.push(ServerFrame::error(code, message, reference).encode())
             }
         }
@@ -656,6 +672,10 @@ impl Connection {
             } else {
                 decode_with_ref(&text)
             };
+            self.inner.metrics.frame_in(match &frame {
+                Ok((frame, _)) => crate::metrics::in_type(frame),
+                Err(_) => crate::metrics::IN_INVALID,
+            });
             if !bucket.take() {
                 strikes += 1;
                 if strikes >= config.flood_close_after {
@@ -1257,6 +1277,7 @@ impl Connection {
                     }
                     let missed = subscription.missed();
                     if missed > layer_missed {
+                        self.inner.metrics.layer_dropped.increment(missed - layer_missed);
                         // The layer dropped messages meant for us: this connection fell behind
                         // the server (overload), not the client. Messages are in the store, so
                         // every conversation is checked against it, as after an interruption.

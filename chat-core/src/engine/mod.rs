@@ -67,9 +67,11 @@
 //! # }
 //! ```
 
+mod admission;
 mod connection;
 mod edges;
 mod envelope;
+mod metered;
 mod node;
 mod outbox;
 mod outgoing;
@@ -96,9 +98,16 @@ use crate::store::{
     Conversation, HistoryStore, InMemoryHistoryStore, NewMessage, StoreError, StoredMessage,
 };
 
+pub use admission::{origin_allowed, Denied};
+
+use crate::metrics::{Metrics, RefusedBy};
+use admission::{Admissions, Slot};
 use envelope::{room_group, user_group, Envelope, Kind, PRESENCE_GROUP};
 use outbox::{AckTo, Job, Outbox};
 use outgoing::Outgoing;
+
+/// How long each backend may take to answer a readiness check.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A frame from the client, as the adapter received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,12 +214,16 @@ pub fn route(path: &str) -> Option<Route> {
 }
 
 /// Who a connection is and where it starts.
+///
+/// [`Chat::admit`] makes one that holds the connection's place in the node's limits;
+/// [`Session::new`] makes one for a connection the host vouches for itself (it still counts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     /// The authenticated user.
     pub user: String,
     /// The room to join at once (from `/ws/chat/{room}/`).
     pub room: Option<String>,
+    slot: Option<Slot>,
 }
 
 impl Session {
@@ -222,6 +235,7 @@ impl Session {
                 Route::Lobby => None,
                 Route::Room(room) => Some(room),
             },
+            slot: None,
         }
     }
 }
@@ -363,14 +377,19 @@ impl ChatBuilder {
             let config = LayerConfig::default().with_channel_capacity("conn.*", capacity);
             Arc::new(InMemoryChannelLayer::new(config))
         });
+        let metrics = Metrics::new();
+        let layer: Arc<dyn ChannelLayer> = Arc::new(metered::MeteredLayer::new(layer));
+        let store: Arc<dyn HistoryStore> = Arc::new(metered::MeteredStore::new(self.store));
         Chat {
             inner: Arc::new(Inner {
                 layer,
                 registry: self.registry,
-                store: self.store,
+                store,
                 policy: self.policy,
                 authenticator: self.authenticator,
                 node: crate::layer::unique_channel_name("node"),
+                admissions: Arc::default(),
+                metrics,
                 outbox: Outbox::new(self.config.outbox_capacity),
                 config: self.config,
                 shutdown,
@@ -417,6 +436,9 @@ pub(crate) struct Inner {
     started: OnceCell<()>,
     /// The newest `member` and `presence` edge per user that reached this node.
     edges: Mutex<edges::EdgeFilter>,
+    /// The connections this node serves, for its limits.
+    pub(crate) admissions: Arc<Admissions>,
+    pub(crate) metrics: Metrics,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -821,6 +843,92 @@ impl Chat {
     /// The user a handshake proves, or why not (the adapter answers 401).
     pub async fn authenticate(&self, handshake: &Handshake) -> Result<String, AuthError> {
         self.inner.authenticator.authenticate(handshake).await
+    }
+
+    /// Decides whether an upgrade request may open a connection starting at `route`, before
+    /// the upgrade, so that a refusal is an HTTP answer ([`Denied::status`]): its `Origin`
+    /// ([`origin_allowed`] with [`ChatConfig::allowed_origins`]), its credentials (the
+    /// authenticator), then this node's limits ([`ChatConfig::max_connections`],
+    /// [`ChatConfig::max_connections_per_user`]). The session holds the connection's place in
+    /// those limits until it and the connection served with it are gone.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use chat_core::auth::{DevAuthenticator, Handshake};
+    /// use chat_core::engine::{Denied, Route};
+    /// use chat_core::{Chat, ChatConfig};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let chat = Chat::builder()
+    ///     .authenticator(Arc::new(DevAuthenticator))
+    ///     .config(ChatConfig { max_connections_per_user: 1, ..ChatConfig::default() })
+    ///     .build();
+    /// let request = Handshake::new("/ws").with_query("user=alice");
+    /// let first = chat.admit(&request, Route::Lobby).await.unwrap();
+    /// assert_eq!(first.user, "alice");
+    /// assert_eq!(chat.admit(&request, Route::Lobby).await.unwrap_err(), Denied::UserFull);
+    /// drop(first);
+    /// assert!(chat.admit(&request, Route::Lobby).await.is_ok());
+    ///
+    /// let hijack = request.clone().with_header("Host", "chat.example").with_header("Origin", "https://evil.example");
+    /// assert_eq!(chat.admit(&hijack, Route::Lobby).await.unwrap_err().status(), 403);
+    /// # }
+    /// ```
+    pub async fn admit(&self, handshake: &Handshake, route: Route) -> Result<Session, Denied> {
+        let inner = &self.inner;
+        let config = &inner.config;
+        if !origin_allowed(handshake, &config.allowed_origins) {
+            inner.metrics.refused(RefusedBy::Origin);
+            let origin = handshake.header("origin").unwrap_or_default();
+            return Err(Denied::Origin(origin.to_owned()));
+        }
+        let user = self.authenticate(handshake).await.inspect_err(|_| {
+            inner.metrics.refused(RefusedBy::Auth);
+        })?;
+        let slot = inner
+            .admissions
+            .try_take(
+                &user,
+                config.max_connections,
+                config.max_connections_per_user,
+                &inner.metrics,
+            )
+            .inspect_err(|denied| {
+                inner.metrics.refused(match denied {
+                    Denied::UserFull => RefusedBy::UserFull,
+                    _ => RefusedBy::ServerFull,
+                });
+            })?;
+        let mut session = Session::new(user, route);
+        session.slot = Some(slot);
+        Ok(session)
+    }
+
+    /// Whether this node can serve: the history store, the channel layer and the registry each
+    /// answer within 2 s. For a readiness probe; the error says which failed.
+    pub async fn ready(&self) -> Result<(), ChatError> {
+        let inner = &self.inner;
+        let timeout = |what: &str| format!("{what} did not answer within {READY_TIMEOUT:?}");
+        tokio::time::timeout(READY_TIMEOUT, inner.store.ping())
+            .await
+            .map_err(|_| StoreError(timeout("the history store")))??;
+        tokio::time::timeout(READY_TIMEOUT, inner.layer.ping())
+            .await
+            .map_err(|_| LayerError::Unavailable(timeout("the channel layer")))??;
+        tokio::time::timeout(READY_TIMEOUT, inner.registry.ping())
+            .await
+            .map_err(|_| RegistryError(timeout("the registry")))??;
+        Ok(())
+    }
+
+    /// Connections this node is serving now.
+    pub fn connections(&self) -> usize {
+        self.inner.admissions.total()
+    }
+
+    /// The channel layer's drop and expiry counters (for metrics).
+    pub fn layer_stats(&self) -> crate::layer::LayerStats {
+        self.inner.layer.stats()
     }
 
     /// Speaks the protocol with one client until the connection ends, and says why it ended.

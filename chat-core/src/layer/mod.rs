@@ -157,4 +157,10 @@ pub trait ChannelLayer: Send + Sync + 'static {
 
     /// The drop and expiry counters since the layer was created.
     fn stats(&self) -> LayerStats;
+
+    /// Whether the layer can carry messages now: its servers answer and it is subscribed to
+    /// them. For readiness checks; an in-process layer always can.
+    async fn ping(&self) -> Result<(), LayerError> {
+        Ok(())
+    }
 }

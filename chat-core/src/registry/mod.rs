@@ -223,4 +223,10 @@ pub trait Registry: Send + Sync + 'static {
     /// Removes every connection of every node whose lease has lapsed, and returns the edges that
     /// crossed, each to exactly one caller however many nodes sweep at once.
     async fn sweep(&self) -> Result<Vec<Departure>, RegistryError>;
+
+    /// Whether the registry answers now, for readiness checks. The default reads one user of
+    /// the online list.
+    async fn ping(&self) -> Result<(), RegistryError> {
+        self.online_page(Page::first(1)).await.map(drop)
+    }
 }

@@ -265,4 +265,11 @@ pub trait HistoryStore: Send + Sync + 'static {
 
     /// The name of this store's lifetime (see rule 4 above); sent to clients in `welcome.epoch`.
     async fn epoch(&self) -> Result<String, StoreError>;
+
+    /// Whether the store answers now: a round trip to its database, for readiness checks. The
+    /// default asks for the [`epoch`](Self::epoch); a backend that keeps the epoch in memory
+    /// must override it.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.epoch().await.map(drop)
+    }
 }

@@ -55,7 +55,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -129,6 +129,8 @@ struct Shard {
     url: String,
     client: Client,
     commands: ConnectionManager,
+    /// The pub/sub connection is subscribed (set and cleared by its supervisor).
+    listening: AtomicBool,
 }
 
 struct Scripts {
@@ -410,6 +412,9 @@ async fn supervise(
                     return;
                 };
                 shared.register_all(shard).await;
+                shared.shards[shard]
+                    .listening
+                    .store(true, Ordering::Relaxed);
                 match ready.take() {
                     Some(ready) => {
                         let _ = ready.send(Ok(()));
@@ -418,6 +423,8 @@ async fn supervise(
                         // Listening and listed again: from here on nothing is lost, and what
                         // was lost before is for each subscriber to look up.
                         tracing::info!(url, "Redis pub/sub subscription made again");
+                        metrics::counter!(crate::metrics::REDIS_RECONNECTS, "connection" => "pubsub")
+                            .increment(1);
                         shared.interruptions.send_modify(|count| *count += 1);
                     }
                 }
@@ -428,6 +435,11 @@ async fn supervise(
                         return;
                     };
                     shared.receive(message.get_payload_bytes()).await;
+                }
+                if let Some(shared) = layer.upgrade() {
+                    shared.shards[shard]
+                        .listening
+                        .store(false, Ordering::Relaxed);
                 }
                 tracing::warn!(url, "Redis pub/sub connection lost; subscribing again");
             }
@@ -513,6 +525,7 @@ impl RedisChannelLayer {
                 url: url.to_owned(),
                 client,
                 commands,
+                listening: AtomicBool::new(false),
             });
         }
         let token = crate::layer::unique_channel_name("n");
@@ -723,6 +736,23 @@ impl ChannelLayer for RedisChannelLayer {
 
     fn stats(&self) -> LayerStats {
         self.shared.local.stats()
+    }
+
+    /// Every shard answers `PING` and its pub/sub connection is subscribed.
+    async fn ping(&self) -> Result<(), LayerError> {
+        for shard in &self.shared.shards {
+            if !shard.listening.load(Ordering::Relaxed) {
+                return Err(LayerError::Unavailable(format!(
+                    "not subscribed to Redis at {}",
+                    shard.url
+                )));
+            }
+            shard
+                .query::<String>(&redis::cmd("PING"))
+                .await
+                .map_err(|error| LayerError::Unavailable(describe(&error)))?;
+        }
+        Ok(())
     }
 }
 

@@ -771,6 +771,14 @@ impl HistoryStore for PostgresHistoryStore {
     async fn epoch(&self) -> Result<String, StoreError> {
         Ok(self.shared.epoch.clone())
     }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        read(client, async |client| {
+            client.simple_query("SELECT 1").await.map(drop)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

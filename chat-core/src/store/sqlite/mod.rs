@@ -970,6 +970,11 @@ impl HistoryStore for SqliteHistoryStore {
     async fn epoch(&self) -> Result<String, StoreError> {
         Ok(self.shared.epoch.clone())
     }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
+            .await
+    }
 }
 
 #[cfg(test)]
