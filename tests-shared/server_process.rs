@@ -57,6 +57,26 @@ impl Server {
         Self { child, addr }
     }
 
+    /// SIGTERM, then waits for the process to exit: its exit status, or `None` if it is still
+    /// running after `within`.
+    pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGKILL: no goodbye, no cleanup.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
