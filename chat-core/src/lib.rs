@@ -20,6 +20,8 @@
 //! - [`policy`]: the host's allow/refuse hook for joins, sends and direct messages.
 //! - [`config`]: every limit of the engine, in one struct.
 //! - [`names`]: the protocol's room and user naming rules.
+//! - `testing` (feature `testing`): `Communicator`, a client that drives a `Chat` with no
+//!   socket, for the host's own tests.
 //! - [`metrics`]: what the engine measures (connections, frames, errors, backend latency),
 //!   through the `metrics` facade.
 //!
@@ -43,6 +45,8 @@ pub mod protocol;
 mod redis_client;
 pub mod registry;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::ChatConfig;
 pub use engine::Chat;
