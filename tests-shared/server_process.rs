@@ -57,6 +57,18 @@ impl Server {
         Self { child, addr }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open file descriptors of the process, from `/proc`.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    }
+
     /// SIGTERM, then waits for the process to exit: its exit status, or `None` if it is still
     /// running after `within`.
     pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {

@@ -954,6 +954,20 @@ impl Connection {
         self.acknowledge(reference, published)
     }
 
+    /// The newest id this connection knows of its direct conversation with `partner` (stored
+    /// before it opened, delivered, or sent by it), or `None` when it knows of no message.
+    fn newest_direct(&self, partner: &str) -> Option<u64> {
+        let shared = lock(&self.shared);
+        let known = match shared.directs.get(partner) {
+            Some(direct) => {
+                let own = direct.own.last().copied().unwrap_or(0);
+                direct.sequencer.delivered().max(own)
+            }
+            None => shared.direct_heads.get(partner).copied().unwrap_or(0),
+        };
+        (known > 0).then_some(known)
+    }
+
     /// Notes a direct message this connection sent, between storing and publishing it, so a
     /// gap repair never echoes it back (the sender gets an `ack` instead).
     fn own_direct(&self, partner: &str, id: u64) {
@@ -1011,14 +1025,21 @@ impl Connection {
 
     async fn read(&self, target: Target, id: u64) -> Result<(), Refused> {
         let inner = &self.inner;
-        let (group, conversation) = match &target {
+        let (group, conversation, id) = match &target {
             Target::Room(room) => {
                 self.check_member(room)?;
-                (room_group(room), Conversation::room(room.as_str()))
+                (room_group(room), Conversation::room(room.as_str()), id)
             }
             Target::User(with) => {
                 check_peer(&self.user, with)?;
-                (user_group(with), Conversation::direct(&self.user, with))
+                // Only as far as the conversation goes: reading a conversation that does not
+                // exist (a made-up user) stores nothing, and a position past its newest
+                // message would hide the next ones as read.
+                let Some(newest) = self.newest_direct(with) else {
+                    return Ok(());
+                };
+                let id = id.min(newest);
+                (user_group(with), Conversation::direct(&self.user, with), id)
             }
         };
         let position = inner

@@ -4,9 +4,12 @@
 //! which is also what makes the id contract hold: an append allocates the next id and makes the
 //! message readable in one step, so ids are dense and visible in order.
 //!
-//! Memory is bounded per conversation by `retention`, and the de-duplication memory by its
-//! window and a capacity. The number of conversations is not bounded: a deployment that needs
-//! that bound needs a durable store anyway.
+//! Memory is bounded: per conversation by `retention`, the de-duplication memory by its window
+//! and a capacity, and the number of conversations (rooms and direct conversations, with their
+//! read positions) by [`InMemoryHistoryStore::with_max_conversations`] (100,000 by default).
+//! Past that, a message or read position for a conversation it does not hold yet fails with a
+//! [`StoreError`] (clients see `unavailable`): forgetting a conversation instead would start its
+//! ids again, which the id contract forbids.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -43,6 +46,7 @@ use super::{
 pub struct InMemoryHistoryStore {
     config: StoreConfig,
     dedup_capacity: usize,
+    max_conversations: usize,
     epoch: String,
     state: Mutex<StoreState>,
 }
@@ -55,7 +59,6 @@ struct StoreState {
     /// Counts appends across all conversations, so "most recent" has no ties.
     appends: u64,
     logs: HashMap<Conversation, Log>,
-    reads: HashMap<(String, Conversation), u64>,
     partners: HashMap<String, BTreeSet<String>>,
     /// `(ts, id)` of the first message stored under each ref.
     refs: HashMap<RefKey, (u64, u64)>,
@@ -69,6 +72,8 @@ struct Log {
     /// `appends` at this conversation's newest message.
     last_append: u64,
     messages: VecDeque<StoredMessage>,
+    /// Each reader's position.
+    reads: HashMap<String, u64>,
 }
 
 impl Default for InMemoryHistoryStore {
@@ -95,6 +100,7 @@ impl InMemoryHistoryStore {
                 ..config
             },
             dedup_capacity: 100_000,
+            max_conversations: 100_000,
             epoch: crate::layer::unique_channel_name("mem"),
             state: Mutex::default(),
         }
@@ -104,6 +110,13 @@ impl InMemoryHistoryStore {
     /// window ends, so memory stays bounded under any load.
     pub fn with_dedup_capacity(mut self, capacity: usize) -> Self {
         self.dedup_capacity = capacity.max(1);
+        self
+    }
+
+    /// Hold at most `max` conversations (at least 1); past it, messages and read positions
+    /// for new conversations are refused.
+    pub fn with_max_conversations(mut self, max: usize) -> Self {
+        self.max_conversations = max.max(1);
         self
     }
 
@@ -129,6 +142,16 @@ impl Log {
 }
 
 impl StoreState {
+    /// `conversation`'s log, made if there is room for one more.
+    fn log_mut(&mut self, conversation: &Conversation, max: usize) -> Result<&mut Log, StoreError> {
+        if !self.logs.contains_key(conversation) && self.logs.len() >= max {
+            return Err(StoreError(format!(
+                "the in-memory store holds its maximum of {max} conversations"
+            )));
+        }
+        Ok(self.logs.entry(conversation.clone()).or_default())
+    }
+
     /// Forgets refs whose window has ended by `now`, and the oldest beyond `capacity`.
     fn forget_refs(&mut self, now: u64, window: u64, capacity: usize) {
         while let Some((ts, _)) = self.ref_order.front() {
@@ -191,6 +214,7 @@ impl HistoryStore for InMemoryHistoryStore {
                 });
             }
         }
+        state.log_mut(conversation, self.max_conversations)?;
         if let Conversation::Direct(a, b) = conversation {
             state
                 .partners
@@ -205,7 +229,7 @@ impl HistoryStore for InMemoryHistoryStore {
         }
         state.appends += 1;
         let append = state.appends;
-        let log = state.logs.entry(conversation.clone()).or_default();
+        let log = state.log_mut(conversation, self.max_conversations)?;
         log.forget_older_than(self.config.oldest_kept_ts());
         log.last_id += 1;
         log.last_append = append;
@@ -280,10 +304,8 @@ impl HistoryStore for InMemoryHistoryStore {
         id: u64,
     ) -> Result<u64, StoreError> {
         let mut state = self.state();
-        let position = state
-            .reads
-            .entry((user.to_owned(), conversation.clone()))
-            .or_default();
+        let log = state.log_mut(conversation, self.max_conversations)?;
+        let position = log.reads.entry(user.to_owned()).or_default();
         *position = (*position).max(id);
         Ok(*position)
     }
@@ -311,8 +333,9 @@ impl HistoryStore for InMemoryHistoryStore {
             .map(|partner| {
                 let conversation = Conversation::direct(user, partner);
                 let read_id = state
-                    .reads
-                    .get(&(user.to_owned(), conversation.clone()))
+                    .logs
+                    .get(&conversation)
+                    .and_then(|log| log.reads.get(user))
                     .copied()
                     .unwrap_or(0);
                 let (last_id, recency, unread) = match state.logs.get(&conversation) {
@@ -393,6 +416,35 @@ mod tests {
         let retry = store.append(&room, msg("first", 3)).await.unwrap();
         assert!(retry.duplicate);
         assert_eq!((retry.message.id, retry.message.ts), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn conversations_are_bounded_and_those_held_keep_working() {
+        let store = InMemoryHistoryStore::default().with_max_conversations(3);
+        for partner in ["b", "c", "d"] {
+            let conversation = Conversation::direct("a", partner);
+            store.append(&conversation, msg(partner, 1)).await.unwrap();
+        }
+        // A fourth conversation, by message or by read position, is refused...
+        let fourth = Conversation::direct("a", "e");
+        assert!(store.append(&fourth, msg("e", 1)).await.is_err());
+        assert!(store.mark_read("a", &fourth, 1).await.is_err());
+        assert!(store
+            .mark_read("a", &Conversation::room("x"), 1)
+            .await
+            .is_err());
+        // ...and stores nothing of it, not even a partner.
+        let inbox = store.inbox("a").await.unwrap();
+        assert_eq!(inbox.len(), 3);
+        assert!(store.inbox("e").await.unwrap().is_empty());
+        // The conversations held go on, ids in order.
+        let ab = Conversation::direct("a", "b");
+        assert_eq!(
+            store.append(&ab, msg("again", 2)).await.unwrap().message.id,
+            2
+        );
+        assert_eq!(store.mark_read("b", &ab, 2).await.unwrap(), 2);
+        assert_eq!(store.state().logs.len(), 3);
     }
 
     #[tokio::test]
