@@ -463,6 +463,19 @@ where
     );
 }
 
+/// A live registry answers a readiness ping, with or without a lease held.
+pub async fn a_live_registry_answers_a_ping<F, Fut>(factory: &F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Registry>>,
+{
+    let registry = factory().await;
+    registry.ping().await.unwrap();
+    registry.heartbeat("n1", LONG).await.unwrap();
+    registry.connect("n1", "alice", "c1").await.unwrap();
+    registry.ping().await.unwrap();
+}
+
 /// One member-count announcement is pending per room at a time, across every caller; releasing
 /// it returns the count with every change made while it was held, and a claim never released
 /// lapses.
@@ -514,7 +527,8 @@ macro_rules! registry_conformance_tests {
             presence_edges, room_edges, disconnect_leaves_every_room,
             versions_order_edges_and_listings, concurrent_tabs_alternate,
             registration_needs_a_lease, heartbeats_report_a_lost_lease, live_nodes_are_not_swept,
-            lapsed_nodes_are_swept_once, listings_page_and_count, count_claims_take_turns);
+            lapsed_nodes_are_swept_once, listings_page_and_count, count_claims_take_turns,
+            a_live_registry_answers_a_ping);
     };
     (@each $factory:expr; $($check:ident),* $(,)?) => {
         $(

@@ -570,6 +570,21 @@ where
     assert_eq!(store.epoch().await.unwrap(), epoch);
 }
 
+/// A live store answers a readiness ping, empty or not.
+pub async fn a_live_store_answers_a_ping<F, Fut>(factory: &F)
+where
+    F: Fn(StoreConfig) -> Fut,
+    Fut: Future<Output = Arc<dyn HistoryStore>>,
+{
+    let store = factory(StoreConfig::default()).await;
+    store.ping().await.unwrap();
+    store
+        .append(&Conversation::room("p"), room_message("x", "b", 1))
+        .await
+        .unwrap();
+    store.ping().await.unwrap();
+}
+
 /// Expands to one `#[tokio::test]` per check of the suite, each calling it with `$factory`.
 #[macro_export]
 macro_rules! store_conformance_tests {
@@ -579,7 +594,8 @@ macro_rules! store_conformance_tests {
             pages_before_and_after, concurrent_appends_are_dense_and_visible_in_order,
             retries_are_stored_once, concurrent_retries_store_once,
             read_positions_only_move_forward, inbox_counts_unread_from_the_partner,
-            retention_keeps_the_newest, retention_by_age, the_epoch_is_stable);
+            retention_keeps_the_newest, retention_by_age, the_epoch_is_stable,
+            a_live_store_answers_a_ping);
     };
     (@each $factory:expr; $($check:ident),* $(,)?) => {
         $(
