@@ -23,3 +23,8 @@ cargo test --workspace --all-features --doc
 
 # Two browsers chatting through the real page (installs chromium and playwright-core if missing).
 ./scripts/browser-test.sh
+
+# The container setup, checked without a container engine (docs/deploy.md): the compose file
+# validates, nginx accepts its config, the Dockerfile's stages and paths hold (installs Debian's
+# docker-compose, nginx and python3-yaml if missing).
+./scripts/check-deploy.sh
