@@ -98,10 +98,16 @@ impl Socket {
         assert_eq!(frame["code"], code, "got {frame}");
     }
 
+    /// Nothing arrives for a moment, and the socket is still open: a frame of any kind other
+    /// than a ping or pong, a close, an error or the end of the stream fails.
     pub async fn expect_silence(&mut self) {
-        if let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(QUIET, self.ws.next()).await
-        {
-            panic!("expected silence, got {text}");
+        let deadline = tokio::time::Instant::now() + QUIET;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
         }
     }
 
