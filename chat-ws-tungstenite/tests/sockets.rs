@@ -68,7 +68,10 @@ async fn serve_with_answers_plain_get_requests_beside_the_chat_routes() {
         http,
     ));
     let answer = socket_suite::raw(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+        "{answer}"
+    );
     assert!(answer.contains("content-type: text/plain\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\nnot yet"), "{answer}");
     let answer = socket_suite::raw(addr, "GET /other HTTP/1.1\r\nHost: x\r\n\r\n").await;
