@@ -73,7 +73,8 @@ async fn direct_messages_to_thousands_of_made_up_users_stop_at_the_cap() {
         .unwrap();
     let total = 2_000;
     for i in 0..total {
-        let frame = json!({"type": "direct", "to": format!("ghost{i}"), "body": "x", "ref": i.to_string()});
+        let frame =
+            json!({"type": "direct", "to": format!("ghost{i}"), "body": "x", "ref": i.to_string()});
         mallory.send(frame).await.unwrap();
     }
     let (mut acked, mut unavailable) = (0, 0);
@@ -108,7 +109,10 @@ async fn direct_messages_to_thousands_of_made_up_users_stop_at_the_cap() {
         .await
         .unwrap();
     let read = alice.expect_where(|f| f["type"] == "read").await.unwrap();
-    assert_eq!((read["user"].as_str(), read["id"].as_u64()), (Some("bob"), Some(2)));
+    assert_eq!(
+        (read["user"].as_str(), read["id"].as_u64()),
+        (Some("bob"), Some(2))
+    );
     let entry = &store.inbox("bob").await.unwrap()[0];
     assert_eq!((entry.with.as_str(), entry.read_id), ("alice", 2));
 }

@@ -1150,13 +1150,17 @@ async fn an_aborted_connection_still_goes_offline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_never_leaves_the_user_looking_offline() {
     // A reload closes the old connection while the new one opens. Whatever the interleaving,
-    // what the watcher ends up believing must match the truth: online.
+    // the last presence frame the watcher receives about her must say online, as she is
+    // (`reload_rounds` checks after every round).
     let chat = chat();
     let mut watcher = Watcher::new(&chat).await;
     let tab = Client::connect(&chat, "alice").await;
     let tab = common::reload_rounds(&mut watcher, tab, 200, |_| chat.clone()).await;
+    // Once she has really gone, the last frame says offline, and no stale `online` follows.
     tab.disconnect().await;
     watcher.until("alice", false).await;
+    watcher.client.expect_silence().await;
+    assert_eq!(watcher.last_status("alice"), Some("offline"));
 }
 
 #[tokio::test]

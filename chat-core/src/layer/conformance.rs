@@ -36,27 +36,6 @@ const ARRIVAL: Duration = Duration::from_secs(5);
 /// How long a check watches for a message that must not arrive.
 const QUIET: Duration = Duration::from_millis(300);
 
-/// The names of every check, in the order the macro runs them.
-pub const CHECKS: &[&str] = &[
-    "send_and_receive",
-    "new_channel_names",
-    "order_per_sender",
-    "send_to_unknown_channel",
-    "group_send_reaches_every_member",
-    "group_add_is_idempotent",
-    "group_discard",
-    "capacity_and_channel_full",
-    "capacity_per_pattern",
-    "group_send_skips_full_members",
-    "message_expiry",
-    "group_expiry",
-    "name_validation",
-    "cleanup_when_subscriber_drops",
-    "flush",
-    "many_concurrent_senders",
-    "concurrent_group_sends",
-];
-
 async fn expect_message(sub: &mut Subscription) -> Bytes {
     match tokio::time::timeout(ARRIVAL, sub.recv()).await {
         Ok(Some(message)) => message,
@@ -65,9 +44,15 @@ async fn expect_message(sub: &mut Subscription) -> Bytes {
     }
 }
 
+/// Nothing arrives for a moment, and the subscription is still open.
 async fn expect_nothing(sub: &mut Subscription) {
-    if let Ok(Some(message)) = tokio::time::timeout(QUIET, sub.recv()).await {
-        panic!("{} received {message:?}, expected nothing", sub.name());
+    match tokio::time::timeout(QUIET, sub.recv()).await {
+        Err(_) => {}
+        Ok(Some(message)) => panic!("{} received {message:?}, expected nothing", sub.name()),
+        Ok(None) => panic!(
+            "{}: the subscription ended, expected it open and quiet",
+            sub.name()
+        ),
     }
 }
 
@@ -536,4 +521,36 @@ macro_rules! layer_conformance_tests {
             }
         )*
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// The macro is the one list of checks. A check written here but left out of it would never
+    /// run, and every backend would seem to pass it.
+    #[test]
+    fn the_macro_runs_every_check() {
+        let source = include_str!("conformance.rs");
+        let defined: BTreeSet<&str> = source
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub async fn "))
+            .filter_map(|rest| rest.split(['<', '(']).next())
+            .collect();
+        let list = source
+            .split_once("(@each $factory;")
+            .and_then(|(_, rest)| rest.split_once(");"))
+            .map(|(list, _)| list)
+            .unwrap();
+        let run: BTreeSet<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .collect();
+        assert!(defined.len() > 10, "the checks were not found: {defined:?}");
+        assert_eq!(
+            defined, run,
+            "checks defined (left) and run by the macro (right)"
+        );
+    }
 }

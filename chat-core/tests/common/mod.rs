@@ -2,7 +2,6 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,7 +91,6 @@ impl Client {
         }
     }
 
-    /// The next text frame, or `None` when the connection ended (for polling loops).
     /// The text frames already waiting, without waiting for more.
     pub fn drain_now(&mut self) -> Vec<Value> {
         let mut frames = Vec::new();
@@ -104,6 +102,7 @@ impl Client {
         frames
     }
 
+    /// The next text frame, or `None` when the connection ended (for polling loops).
     pub async fn try_recv(&mut self) -> Option<Value> {
         loop {
             match self.rx.next().await? {
@@ -137,23 +136,27 @@ impl Client {
         }
     }
 
-    /// Nothing but pings arrives for a while.
+    /// Silence: for [`QUIET`] the connection stays open and sends nothing at all. An ended
+    /// connection is not silent (a test that expects silence would pass on a dead one), and
+    /// neither is a ping or a close: the tests' configurations ping far less often than that.
     pub async fn expect_silence(&mut self) {
-        let quiet = async {
-            loop {
-                match self.rx.next().await {
-                    Some(Outbound::Ping) => {}
-                    other => return other,
-                }
+        let frame = match tokio::time::timeout(QUIET, self.rx.next()).await {
+            Err(_) => {
+                assert!(
+                    !self.task.is_finished(),
+                    "{}: expected silence, but the connection's task ended",
+                    self.user
+                );
+                return;
             }
+            Ok(None) => panic!("{}: expected silence, but the connection ended", self.user),
+            Ok(Some(frame)) => frame,
         };
-        if let Ok(Some(frame)) = tokio::time::timeout(QUIET, quiet).await {
-            let shown = match &frame {
-                Outbound::Text(text) => String::from_utf8_lossy(text).into_owned(),
-                other => format!("{other:?}"),
-            };
-            panic!("{}: expected silence, got {shown}", self.user);
-        }
+        let shown = match &frame {
+            Outbound::Text(text) => String::from_utf8_lossy(text).into_owned(),
+            other => format!("{other:?}"),
+        };
+        panic!("{}: expected silence, got {shown}", self.user);
     }
 
     /// Skips frames until the close frame, and returns its code.
@@ -219,69 +222,98 @@ pub fn chat_with(config: chat_core::ChatConfig) -> Chat {
     Chat::builder().config(config).build()
 }
 
-/// A watcher's picture of who is online, from the `online` reply and `presence` events.
+/// A connection that watches presence, and every `presence` frame it received: what a client
+/// shows about a user is the last such frame about them, so that is what tests check.
 pub struct Watcher {
     pub client: Client,
-    pub online: BTreeSet<String>,
+    /// `(user, status)` of every `presence` frame received, in order.
+    pub presence: Vec<(String, String)>,
 }
 
 impl Watcher {
     pub async fn new(chat: &Chat) -> Self {
         let mut client = Client::connect(chat, "watcher").await;
         client.send(json!({"type": "who", "watch": true})).await;
-        let reply = client.recv_type("online").await;
-        let online = reply["users"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|user| user.as_str().unwrap().to_owned())
-            .collect();
-        Self { client, online }
+        client.recv_type("online").await;
+        Self {
+            client,
+            presence: Vec::new(),
+        }
     }
 
+    /// Records a `presence` frame; other frames are not about presence.
     pub fn apply(&mut self, frame: &Value) {
         if frame["type"] != "presence" {
             return;
         }
         let user = frame["user"].as_str().unwrap().to_owned();
-        if frame["status"] == "online" {
-            self.online.insert(user);
-        } else {
-            self.online.remove(&user);
+        let status = frame["status"].as_str().unwrap_or_default();
+        assert!(
+            matches!(status, "online" | "offline"),
+            "a presence frame with neither status: {frame}"
+        );
+        self.presence.push((user, status.to_owned()));
+    }
+
+    /// The statuses the presence frames about `user` gave, in order.
+    pub fn statuses(&self, user: &str) -> Vec<&str> {
+        self.presence
+            .iter()
+            .filter(|(about, _)| about == user)
+            .map(|(_, status)| status.as_str())
+            .collect()
+    }
+
+    /// The status the last presence frame about `user` gave; `None` if none came.
+    pub fn last_status(&self, user: &str) -> Option<&str> {
+        self.statuses(user).last().copied()
+    }
+
+    /// Applies what arrives until the last presence frame about `user` says `online` (or
+    /// `offline`), and fails if that takes five seconds. A frame must come: a user who was
+    /// already online when the watcher started watching gets none.
+    pub async fn until(&mut self, user: &str, online: bool) {
+        let status = if online { "online" } else { "offline" };
+        let deadline = tokio::time::Instant::now() + ARRIVAL;
+        while self.last_status(user) != Some(status) {
+            let frame = tokio::time::timeout_at(deadline, self.client.try_recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "the watcher got no presence frame saying {user} is {status}; got {:?}",
+                        self.statuses(user)
+                    )
+                })
+                .unwrap_or_else(|| panic!("the watcher's connection ended"));
+            self.apply(&frame);
         }
     }
 
-    /// Applies what arrives until `user`'s status is `online` (or five seconds pass).
-    pub async fn until(&mut self, user: &str, online: bool) {
-        let deadline = tokio::time::Instant::now() + ARRIVAL;
-        while self.online.contains(user) != online {
-            let frame = tokio::time::timeout_at(deadline, self.client.try_recv())
-                .await
-                .unwrap_or_else(|_| panic!("the watcher never saw {user} online={online}"))
-                .unwrap();
+    /// Applies whatever arrives until nothing has for `quiet`.
+    pub async fn settle_for(&mut self, quiet: Duration) {
+        while let Ok(frame) = tokio::time::timeout(quiet, self.client.try_recv()).await {
+            let frame = frame.unwrap_or_else(|| panic!("the watcher's connection ended"));
             self.apply(&frame);
         }
     }
 
     /// Applies whatever else arrives for a while.
     pub async fn settle(&mut self) {
-        while let Ok(Some(frame)) =
-            tokio::time::timeout(Duration::from_millis(50), self.client.try_recv()).await
-        {
-            self.apply(&frame);
-        }
+        self.settle_for(Duration::from_millis(50)).await;
     }
 }
 
 /// Reloads `alice` `rounds` times: each time her old tab closes while a new one opens on
-/// `chat_for(round)`, their presence events racing. After every round, what the watcher believes
-/// must be the truth: online. Returns the last tab.
+/// `chat_for(round)`, their presence events racing. The first tab must have opened after the
+/// watcher started watching. After every round, the last presence frame the watcher received
+/// about her must say online, as she is: a client shows that frame. Returns the last tab.
 pub async fn reload_rounds(
     watcher: &mut Watcher,
     mut tab: Client,
     rounds: usize,
     chat_for: impl Fn(usize) -> Chat,
 ) -> Client {
+    // The first tab's `online` must arrive: without it there is nothing to check.
     watcher.until(&tab.user, true).await;
     for round in 0..rounds {
         let chat = chat_for(round);
@@ -290,13 +322,26 @@ pub async fn reload_rounds(
         tab.disconnect().await;
         tab = opening.await.unwrap();
         tab.sync().await;
+        // An `offline` seen last must be followed by an `online`, and a late one must not
+        // come after it.
         watcher.until(&tab.user, true).await;
         watcher.settle().await;
-        assert!(
-            watcher.online.contains(&tab.user),
-            "round {round}: the watcher thinks {} is offline",
-            tab.user
+        assert_eq!(
+            watcher.last_status(&tab.user),
+            Some("online"),
+            "round {round}: the watcher shows {} offline; presence frames: {:?}",
+            tab.user,
+            watcher.statuses(&tab.user)
         );
     }
+    // The last round's `offline` may be the slowest of all.
+    watcher.settle_for(QUIET).await;
+    assert_eq!(
+        watcher.last_status(&tab.user),
+        Some("online"),
+        "after the reloads the watcher shows {} offline; presence frames: {:?}",
+        tab.user,
+        watcher.statuses(&tab.user)
+    );
     tab
 }
