@@ -544,6 +544,9 @@ pub enum ServerFrame {
         /// The refused frame's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        /// For `rate_limited`: milliseconds until the connection may send again (an extension).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -565,6 +568,7 @@ impl ServerFrame {
             code,
             message: message.into(),
             reference,
+            retry_after_ms: None,
         }
     }
 }

@@ -789,7 +789,11 @@ async fn a_flood_is_rate_limited_then_closed() {
     alice
         .send(json!({"type": "send", "room": "a", "body": "x", "ref": "r"}))
         .await;
-    assert_eq!(alice.expect_error("rate_limited").await["ref"], "r");
+    let limited = alice.expect_error("rate_limited").await;
+    assert_eq!(limited["ref"], "r");
+    // When a token is back: at most a second at one frame a second.
+    let retry = limited["retry_after_ms"].as_u64().unwrap();
+    assert!((1..=1_000).contains(&retry), "{limited}");
     for _ in 0..100 {
         alice.send(json!({"type": "ping"})).await;
     }

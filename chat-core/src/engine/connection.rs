@@ -685,8 +685,18 @@ impl Connection {
                     Ok((_, reference)) => reference.clone(),
                     Err(error) => error.reference.clone(),
                 };
-                let refusal = Refused::new(ErrorCode::RateLimited, "slow down");
-                self.respond(reference, Ok(Err(refusal)))?;
+                // With when to try again, so a client can retry by itself rather than guess.
+                let retry_after_ms = bucket
+                    .wait()
+                    .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
+                self.inner.metrics.error(ErrorCode::RateLimited);
+                let frame = ServerFrame::Error {
+                    code: ErrorCode::RateLimited,
+                    message: "slow down".into(),
+                    reference,
+                    retry_after_ms,
+                };
+                self.push(frame.encode())?;
                 continue;
             }
             strikes = 0;

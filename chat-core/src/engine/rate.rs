@@ -21,6 +21,15 @@ impl TokenBucket {
         }
     }
 
+    /// How long until a token is there (zero when one is); `None` when the bucket never refills.
+    pub(crate) fn wait(&self) -> Option<std::time::Duration> {
+        if self.tokens >= 1.0 {
+            return Some(std::time::Duration::ZERO);
+        }
+        (self.rate > 0.0)
+            .then(|| std::time::Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+    }
+
     /// Takes a token if one is there.
     pub(crate) fn take(&mut self) -> bool {
         let now = Instant::now();
@@ -46,6 +55,7 @@ mod tests {
         let mut bucket = TokenBucket::new(2.0, 3);
         assert!((0..3).all(|_| bucket.take()));
         assert!(!bucket.take());
+        assert_eq!(bucket.wait(), Some(Duration::from_millis(500)));
         tokio::time::advance(Duration::from_millis(500)).await;
         assert!(bucket.take());
         assert!(!bucket.take());
