@@ -7,10 +7,13 @@
 //! cargo run --release --example loadgen -- --mode churn --churn-ms 1000 --messages 50 --rate 500
 //! cargo run --release --example loadgen -- --mode idle --clients 10000 --hold-secs 30 \
 //!     --server-pid "$(pgrep -n chat-server)"
+//! cargo run --release --example loadgen -- --mode soak --clients 1000 --duration-secs 600 \
+//!     --server-pid "$(pgrep -n chat-server)"  # or ./scripts/soak.sh, which starts the server
 //! ```
 //!
 //! `--clients` clients (spread over the `--url`s in turn) sign in with the development
-//! authenticator as `load-N` and join one fresh room. Three modes:
+//! authenticator as `load-N` and join one fresh room (`soak`: as `soak-N`, several rooms). Four
+//! modes:
 //!
 //! - `load` (the default): the first `--senders` clients each send `--messages` messages, paced
 //!   to `--rate` messages per second in all (0: as fast as each sender's `--window` of
@@ -29,17 +32,38 @@
 //!   `--hold-secs`. It reports how many joined and how many the server cut meanwhile (none may
 //!   be), and with `--server-pid` the server's resident memory (VmRSS) before connecting and
 //!   after all joined, and KiB per connection.
+//! - `soak`: a leak test. For `--duration-secs` every client loops: it connects, joins again
+//!   the rooms it was in when its last connection ended, resuming with `since` = the highest id
+//!   it saw there (paging on with `history` when the server says `more`), or else one to three
+//!   of `--rooms` rooms (named `{room}-K`), and now and then (`--soak-rate` messages per second
+//!   in all) sends a message to one of its rooms or, one time in fifty, a direct message to a
+//!   neighbour (`soak-N±1`), and sometimes leaves a room or joins another (afresh, with its
+//!   latest messages); it reads all that arrives and checks that each room's ids only increase.
+//!   After a lifetime between `--min-life-secs` and `--max-life-secs` (random) it waits for its
+//!   acks, closes (half the time with a close frame, half by dropping the TCP socket) and
+//!   reconnects. Messages carry no `ref`: the server remembers refs for 10 minutes, memory that
+//!   would grow through the run by design. With `--server-pid` it samples the server's VmRSS
+//!   and open files (/proc/PID/fd) before any client, after `--warmup-secs`, every
+//!   `--sample-secs`, at the end with the clients still connected, and `--settle-secs` after
+//!   the last one closed. The server's history grows until every room holds its `--retention`
+//!   messages, so the warm-up must last that long (about `--rooms` x retention / `--soak-rate`
+//!   s; given `--server-retention`, the soak warns when it did not). It reports the samples,
+//!   connects, messages sent, acknowledged and received, server errors and closes, and the
+//!   verdict "RSS at end within 10% of after warm-up"; it fails on that verdict, on any server
+//!   error, failed connect, missing ack or id out of order, on any close by the server other
+//!   than 1000/1001 (or a socket that broke without one), and if the server exits.
 //!
 //! Given `--server-pid`, every mode also reports the CPU time the server used (user and system,
 //! from /proc), and `load` the server's CPU microseconds per delivery: a measure of the server
 //! that the load generator's own CPU use, on the same machine, skews far less than latency.
 //!
-//! Each mode prints a table and one JSON line. The load generator raises its own open-file limit,
-//! connects in batches of `--batch`, and gives its sockets small buffers, so that 10,000 idle
-//! connections cost it little memory (127.0.0.1 offers about 28,000 source ports).
+//! Each mode prints a table (`soak`: two) and one JSON line. The load generator raises its own
+//! open-file limit, connects in batches of `--batch` (`soak`: spreads its first connects over
+//! the first 10 s), and gives its sockets small buffers, so that 10,000 idle connections cost it
+//! little memory (127.0.0.1 offers about 28,000 source ports).
 //!
 //! The servers must run with the development authenticator and a rate limit above what each
-//! sender sends (`--rate-per-second`, `--rate-burst`).
+//! sender sends (`--rate-per-second`, `--rate-burst`; `soak` stays within the defaults).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -50,7 +74,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 
 /// What the load generator does.
@@ -62,18 +87,21 @@ enum Mode {
     Churn,
     /// Every client joins and holds its connection without sending.
     Idle,
+    /// Clients join, send, leave and reconnect for `--duration-secs` while the server's memory
+    /// and open files are sampled.
+    Soak,
 }
 
 #[derive(Debug, Parser)]
 #[command(about = "Load generator for the chat protocol")]
 struct Args {
-    /// What to do: `load`, `churn` or `idle`.
+    /// What to do: `load`, `churn`, `idle` or `soak`.
     #[arg(long, value_enum, default_value = "load")]
     mode: Mode,
     /// Server WebSocket base URL(s), comma-separated; clients are spread over them in turn.
     #[arg(long, value_delimiter = ',', default_value = "ws://127.0.0.1:8000")]
     url: Vec<String>,
-    /// Clients, all in one room.
+    /// Clients, all in one room (soak: in several).
     #[arg(long, default_value_t = 1_000)]
     clients: usize,
     /// Clients that also send.
@@ -95,7 +123,7 @@ struct Args {
     /// How long to wait for the last deliveries after the last ack.
     #[arg(long, default_value_t = 10)]
     drain_secs: u64,
-    /// The room (a fresh name by default, so ids start at 1).
+    /// The room (a fresh name by default, so ids start at 1); soak: the stem of its rooms' names.
     #[arg(long)]
     room: Option<String>,
     /// Churn: mean milliseconds a client keeps a socket before dropping it and reconnecting.
@@ -104,14 +132,41 @@ struct Args {
     /// Idle: seconds to hold the connections once all have joined.
     #[arg(long, default_value_t = 30)]
     hold_secs: u64,
-    /// Idle: seconds to wait after the last join before measuring the server's memory.
+    /// Idle: seconds to wait after the last join before measuring the server's memory. Soak:
+    /// seconds to wait after the last client closed before the "after close" sample.
     #[arg(long, default_value_t = 2)]
     settle_secs: u64,
     /// Idle: stop opening connections after this many seconds (the report says how many joined).
     #[arg(long, default_value_t = 300)]
     max_connect_secs: u64,
-    /// The server's process id (Linux /proc): every mode reports the CPU time it used, and
-    /// `idle` its resident memory.
+    /// Soak: seconds the whole run lasts, warm-up included.
+    #[arg(long, default_value_t = 600)]
+    duration_secs: u64,
+    /// Soak: seconds of warm-up; the server's RSS then is what its RSS at the end is held against.
+    #[arg(long, default_value_t = 60)]
+    warmup_secs: u64,
+    /// Soak: seconds between samples after the warm-up.
+    #[arg(long, default_value_t = 30)]
+    sample_secs: u64,
+    /// Soak: rooms the clients join and leave (named after `--room`, with `-0`, `-1`, ...).
+    #[arg(long, default_value_t = 10)]
+    rooms: usize,
+    /// Soak: messages per second, all clients together (room and direct messages). Each
+    /// client's share must stay well below the server's rate limit (10 frames/s by default).
+    #[arg(long, default_value_t = 200.0)]
+    soak_rate: f64,
+    /// Soak: fewest seconds a connection lives before it closes and reconnects.
+    #[arg(long, default_value_t = 2)]
+    min_life_secs: u64,
+    /// Soak: most seconds a connection lives before it closes and reconnects.
+    #[arg(long, default_value_t = 20)]
+    max_life_secs: u64,
+    /// Soak: the server's `--retention`, if known: the soak then warns when the warm-up ended
+    /// before every room had that many messages (the server's history still growing by design).
+    #[arg(long)]
+    server_retention: Option<u64>,
+    /// The server's process id (Linux /proc): every mode reports the CPU time it used, `idle`
+    /// its resident memory, and `soak` its resident memory and open files over time.
     #[arg(long)]
     server_pid: Option<u32>,
     /// Read buffer of each client socket in bytes (tungstenite's default is 128 KiB).
@@ -224,6 +279,20 @@ impl Seen {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Opens a socket as `user`, joining no room.
+async fn open(base: &str, user: &str, read_buffer: usize) -> Result<Socket, String> {
+    let url = format!("{base}/ws?user={user}");
+    // Small buffers: tungstenite's defaults (128 KiB to read, 128 KiB before a write) would make
+    // 10,000 idle clients cost the load generator gigabytes.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
+        .write_buffer_size(0);
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), true)
+        .await
+        .map_err(|error| format!("{url}: {error}"))?;
+    Ok(socket)
+}
+
 /// Opens a socket as `user` and joins `room` (resuming after `since` if given), and waits for
 /// `joined`, so that every message sent later reaches this client.
 async fn connect(
@@ -234,14 +303,7 @@ async fn connect(
     read_buffer: usize,
 ) -> Result<(Socket, Joined), String> {
     let url = format!("{base}/ws?user={user}");
-    // Small buffers: tungstenite's defaults (128 KiB to read, 128 KiB before a write) would make
-    // 10,000 idle clients cost the load generator gigabytes.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(read_buffer)
-        .write_buffer_size(0);
-    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), true)
-        .await
-        .map_err(|error| format!("{url}: {error}"))?;
+    let mut socket = open(base, user, read_buffer).await?;
     let join = match since {
         Some(since) => serde_json::json!({"type": "join", "room": room, "since": since}),
         None => serde_json::json!({"type": "join", "room": room}),
@@ -529,6 +591,7 @@ async fn main() -> std::process::ExitCode {
         Mode::Load => load(&args, room).await,
         Mode::Churn => churn(&args, room).await,
         Mode::Idle => idle(&args, room).await,
+        Mode::Soak => soak(&args, room).await,
     }
 }
 
@@ -708,6 +771,11 @@ impl Jitter {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A value in `0..n` (`n` above 0).
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next() * n as f64) as usize).min(n.saturating_sub(1))
     }
 
     /// Between half and one and a half times `mean`.
@@ -1281,5 +1349,848 @@ async fn idle(args: &Args, room: String) -> std::process::ExitCode {
         std::process::ExitCode::FAILURE
     } else {
         std::process::ExitCode::SUCCESS
+    }
+}
+
+/// Rooms one soak client is in at once, at most.
+const SOAK_MAX_ROOMS: usize = 3;
+
+/// How long a soak client waits for its last acks before closing, and for the server's answer
+/// to its close frame.
+const SOAK_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// What the soak counts, all clients together.
+#[derive(Default)]
+struct SoakCounters {
+    connects: AtomicU64,
+    connect_failures: AtomicU64,
+    /// Clients connected now.
+    connected: AtomicU64,
+    joins: AtomicU64,
+    leaves: AtomicU64,
+    sent: AtomicU64,
+    directs_sent: AtomicU64,
+    acked: AtomicU64,
+    /// Sends still unacknowledged when their client stopped waiting for them.
+    missing_acks: AtomicU64,
+    received: AtomicU64,
+    directs_received: AtomicU64,
+    server_errors: AtomicU64,
+    /// Room messages whose id was not above the highest one the client had seen there.
+    out_of_order: AtomicU64,
+    clean_closes: AtomicU64,
+    dropped_sockets: AtomicU64,
+    /// Closes by the server with 1000 or 1001.
+    server_closes: AtomicU64,
+    /// Closes by the server with any other code, and sockets that broke without a close frame.
+    unexpected_closes: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn count(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// What every soak client shares.
+struct SoakShared {
+    urls: Vec<String>,
+    /// Room `k` is named `{room_prefix}{k}`.
+    room_prefix: String,
+    rooms: usize,
+    clients: usize,
+    /// Mean time between one connected client's messages.
+    act_every: Duration,
+    min_life: Duration,
+    max_life: Duration,
+    /// The clients' first connects are spread over this long.
+    ramp: Duration,
+    read_buffer: usize,
+    counters: SoakCounters,
+    /// The highest id any client saw in each room: how many messages the room has had.
+    room_ids: Vec<AtomicU64>,
+    logged: AtomicU64,
+    first_unexpected: std::sync::Mutex<Option<String>>,
+}
+
+impl SoakShared {
+    fn room_name(&self, room: usize) -> String {
+        format!("{}{room}", self.room_prefix)
+    }
+
+    /// Messages the quietest room has had.
+    fn quietest_room(&self) -> u64 {
+        self.room_ids.iter().map(count).min().unwrap_or(0)
+    }
+
+    fn room_index(&self, name: &str) -> Option<usize> {
+        let room: usize = name.strip_prefix(&self.room_prefix)?.parse().ok()?;
+        (room < self.rooms).then_some(room)
+    }
+
+    /// Counts a close the soak does not expect: by the server with a code other than 1000 or
+    /// 1001, or a socket that broke without one.
+    fn unexpected_close(&self, user: &str, reason: String) {
+        bump(&self.counters.unexpected_closes);
+        log_error(&self.logged, &format!("{user}: {reason}"));
+        if let Ok(mut first) = self.first_unexpected.lock() {
+            first.get_or_insert(reason);
+        }
+    }
+
+    /// Counts the server's close frame.
+    fn server_closed(&self, user: &str, frame: Option<CloseFrame>) {
+        match frame {
+            Some(frame) if matches!(u16::from(frame.code), 1000 | 1001) => {
+                bump(&self.counters.server_closes);
+            }
+            Some(frame) => self.unexpected_close(
+                user,
+                format!(
+                    "closed by the server: {} {}",
+                    u16::from(frame.code),
+                    frame.reason
+                ),
+            ),
+            None => self.unexpected_close(user, "closed by the server without a code".into()),
+        }
+    }
+}
+
+/// The frames a soak client reads, just the fields it needs.
+#[derive(Deserialize)]
+struct SoakFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    room: Option<Cow<'a, str>>,
+    id: Option<u64>,
+    more: Option<bool>,
+    /// `joined`: the stored messages it starts (or resumes) with.
+    history: Option<Vec<StoredId>>,
+    /// `history`: the page of stored messages.
+    messages: Option<Vec<StoredId>>,
+}
+
+/// A stored message in `joined` or `history`, just its id.
+#[derive(Deserialize)]
+struct StoredId {
+    id: u64,
+}
+
+/// Where a soak connection stands with one room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InRoom {
+    Out,
+    /// `join` sent, `resuming` with `since`.
+    Joining {
+        resuming: bool,
+    },
+    /// Joined with `since` and reading the rest of what it missed with `history`.
+    Paging,
+    Joined,
+}
+
+/// One soak connection. `last_ids` outlives it: for each room the client is in (or was in when
+/// its last connection ended), the highest id it saw there.
+struct SoakSession<'a> {
+    shared: &'a SoakShared,
+    user: &'a str,
+    rooms: Vec<InRoom>,
+    last_ids: &'a mut [Option<u64>],
+    /// Sends and direct messages not acknowledged yet.
+    pending: u64,
+}
+
+impl SoakSession<'_> {
+    fn in_rooms(&self) -> usize {
+        self.rooms
+            .iter()
+            .filter(|&&room| room != InRoom::Out)
+            .count()
+    }
+
+    /// A random room whose state `wanted` accepts.
+    fn pick(&self, rng: &mut Jitter, wanted: impl Fn(InRoom) -> bool) -> Option<usize> {
+        let rooms: Vec<usize> = (0..self.rooms.len())
+            .filter(|&room| wanted(self.rooms[room]))
+            .collect();
+        (!rooms.is_empty()).then(|| rooms[rng.below(rooms.len())])
+    }
+
+    /// The `join` of a random room this connection is not in.
+    fn join(&mut self, rng: &mut Jitter) -> Option<String> {
+        let room = self.pick(rng, |room| room == InRoom::Out)?;
+        Some(self.join_room(room))
+    }
+
+    /// The `join` of `room`, resuming with `since` if the client was in it when its last
+    /// connection ended.
+    fn join_room(&mut self, room: usize) -> String {
+        let name = self.shared.room_name(room);
+        let since = self.last_ids[room];
+        self.rooms[room] = InRoom::Joining {
+            resuming: since.is_some(),
+        };
+        bump(&self.shared.counters.joins);
+        let frame = match since {
+            Some(since) => serde_json::json!({"type": "join", "room": name, "since": since}),
+            None => serde_json::json!({"type": "join", "room": name}),
+        };
+        frame.to_string()
+    }
+
+    /// The `leave` of a random joined room. A later join of it starts afresh, as a person's
+    /// would: with the room's latest messages, not with all that came since.
+    fn leave(&mut self, rng: &mut Jitter) -> Option<String> {
+        let room = self.pick(rng, |room| room == InRoom::Joined)?;
+        self.rooms[room] = InRoom::Out;
+        self.last_ids[room] = None;
+        bump(&self.shared.counters.leaves);
+        let frame = serde_json::json!({"type": "leave", "room": self.shared.room_name(room)});
+        Some(frame.to_string())
+    }
+
+    /// What one action sends: a message to one of the rooms (or, now and then or when none is
+    /// joined yet, to a neighbour), and sometimes a `leave` or a `join` as well.
+    fn act(&mut self, rng: &mut Jitter, index: usize, seq: u64) -> Vec<String> {
+        let mut frames = Vec::with_capacity(2);
+        let shared = self.shared;
+        let body = format!("soak {index} {seq}");
+        let room = self.pick(rng, |room| room == InRoom::Joined);
+        if shared.clients > 1 && (room.is_none() || rng.next() < 0.02) {
+            let n = shared.clients;
+            let partner = if rng.next() < 0.5 {
+                (index + 1) % n
+            } else {
+                (index + n - 1) % n
+            };
+            let to = format!("soak-{partner}");
+            frames.push(serde_json::json!({"type": "direct", "to": to, "body": body}).to_string());
+            self.pending += 1;
+            bump(&shared.counters.directs_sent);
+        } else if let Some(room) = room {
+            let room = shared.room_name(room);
+            frames
+                .push(serde_json::json!({"type": "send", "room": room, "body": body}).to_string());
+            self.pending += 1;
+            bump(&shared.counters.sent);
+        }
+        let roll = rng.next();
+        let in_rooms = self.in_rooms();
+        if roll < 0.07 && in_rooms > 1 {
+            frames.extend(self.leave(rng));
+        } else if roll < 0.14 && in_rooms < SOAK_MAX_ROOMS.min(shared.rooms) {
+            frames.extend(self.join(rng));
+        }
+        frames
+    }
+
+    fn history_request(&self, room: usize) -> String {
+        let after = self.last_ids[room].unwrap_or(0);
+        let room = self.shared.room_name(room);
+        serde_json::json!({"type": "history", "room": room, "after": after, "limit": 100})
+            .to_string()
+    }
+
+    /// Records message `id` of `room`: a room's ids only increase on one client, across its
+    /// connections too.
+    fn see(&mut self, room: usize, id: u64) {
+        match self.last_ids[room] {
+            Some(last) if id <= last => {
+                bump(&self.shared.counters.out_of_order);
+                log_error(
+                    &self.shared.logged,
+                    &format!(
+                        "{}: {} gave id {id} after {last}",
+                        self.user,
+                        self.shared.room_name(room)
+                    ),
+                );
+            }
+            _ => {
+                self.last_ids[room] = Some(id);
+                self.shared.room_ids[room].fetch_max(id, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Handles one text frame; returns what to send in answer (the next `history` page).
+    fn on_text(&mut self, text: &str) -> Option<String> {
+        // `member` and `member_count`, most of what a churning room sends, need no parsing.
+        if text.starts_with(r#"{"type":"member"#) {
+            return None;
+        }
+        let Ok(frame) = serde_json::from_str::<SoakFrame<'_>>(text) else {
+            return None;
+        };
+        let counters = &self.shared.counters;
+        let room = frame
+            .room
+            .as_deref()
+            .and_then(|name| self.shared.room_index(name));
+        match (frame.kind.as_ref(), room) {
+            ("message", Some(room)) => {
+                // A room's last messages may still come after its `leave`: not counted.
+                if matches!(self.rooms[room], InRoom::Joined | InRoom::Paging) {
+                    bump(&counters.received);
+                    if let Some(id) = frame.id {
+                        self.see(room, id);
+                    }
+                }
+            }
+            ("joined", Some(room)) => {
+                let InRoom::Joining { resuming } = self.rooms[room] else {
+                    return None;
+                };
+                for stored in frame.history.iter().flatten() {
+                    self.see(room, stored.id);
+                }
+                // Without `since`, `more` only says that older messages exist.
+                if resuming && frame.more == Some(true) {
+                    self.rooms[room] = InRoom::Paging;
+                    return Some(self.history_request(room));
+                }
+                self.rooms[room] = InRoom::Joined;
+            }
+            ("history", Some(room)) => {
+                if self.rooms[room] != InRoom::Paging {
+                    return None;
+                }
+                for stored in frame.messages.iter().flatten() {
+                    self.see(room, stored.id);
+                }
+                if frame.more == Some(true) {
+                    return Some(self.history_request(room));
+                }
+                self.rooms[room] = InRoom::Joined;
+            }
+            ("direct", _) => bump(&counters.directs_received),
+            ("ack", _) => {
+                bump(&counters.acked);
+                self.pending = self.pending.saturating_sub(1);
+            }
+            ("error", _) => {
+                bump(&counters.server_errors);
+                log_error(
+                    &self.shared.logged,
+                    &format!("{}: server error: {text}", self.user),
+                );
+            }
+            _ => {}
+        }
+        None
+    }
+}
+
+/// After a write failed: counts how the server ended the connection, from its close frame if
+/// that is still to be read.
+async fn soak_broken(shared: &SoakShared, user: &str, mut socket: Socket) {
+    let close = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(message)) = socket.next().await {
+            if let Message::Close(frame) = message {
+                return Some(frame);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    match close {
+        Some(frame) => shared.server_closed(user, frame),
+        None => shared.unexpected_close(user, "a write failed, and no close frame came".into()),
+    }
+}
+
+/// Sends a close frame and reads until the server answers it; false if it did not within
+/// [`SOAK_CLOSE_WAIT`].
+async fn close_cleanly(mut socket: Socket) -> bool {
+    let frame = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "soak: reconnecting".into(),
+    };
+    if socket.close(Some(frame)).await.is_err() {
+        return false;
+    }
+    tokio::time::timeout(SOAK_CLOSE_WAIT, async {
+        while let Some(Ok(_)) = socket.next().await {}
+    })
+    .await
+    .is_ok()
+}
+
+/// One connection of a soak client, from its joins to its close.
+async fn soak_session(
+    shared: &SoakShared,
+    index: usize,
+    user: &str,
+    rng: &mut Jitter,
+    last_ids: &mut [Option<u64>],
+    mut socket: Socket,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    let counters = &shared.counters;
+    let mut session = SoakSession {
+        shared,
+        user,
+        rooms: vec![InRoom::Out; shared.rooms],
+        last_ids,
+        pending: 0,
+    };
+    // Back into the rooms it was in, resuming, or into one to three new ones.
+    let resumed: Vec<usize> = (0..shared.rooms)
+        .filter(|&room| session.last_ids[room].is_some())
+        .collect();
+    let mut joins: Vec<String> = resumed
+        .into_iter()
+        .map(|room| session.join_room(room))
+        .collect();
+    if joins.is_empty() {
+        for _ in 0..1 + rng.below(SOAK_MAX_ROOMS.min(shared.rooms)) {
+            joins.extend(session.join(rng));
+        }
+    }
+    let mut alive = true;
+    for frame in joins {
+        alive = alive && socket.feed(Message::text(frame)).await.is_ok();
+    }
+    if !(alive && socket.flush().await.is_ok()) {
+        soak_broken(shared, user, socket).await;
+        return;
+    }
+    let now = tokio::time::Instant::now();
+    let live_until =
+        now + shared.min_life + (shared.max_life - shared.min_life).mul_f64(rng.next());
+    // The first action within one mean interval, so that short connections send their share.
+    let mut next_action = now + shared.act_every.mul_f64(rng.next());
+    let mut seq = 0u64;
+    // Once set, the client means to close, and waits until then for its last acks.
+    let mut closing: Option<tokio::time::Instant> = None;
+    let mut clean = rng.next() < 0.5;
+    loop {
+        if closing.is_some() && session.pending == 0 {
+            break;
+        }
+        let mut out = Vec::new();
+        tokio::select! {
+            _ = stop.changed(), if closing.is_none() => {
+                // The run is over: every client closes with a close frame.
+                clean = true;
+                closing = Some(tokio::time::Instant::now() + SOAK_CLOSE_WAIT);
+            }
+            () = tokio::time::sleep_until(live_until), if closing.is_none() => {
+                closing = Some(tokio::time::Instant::now() + SOAK_CLOSE_WAIT);
+            }
+            () = tokio::time::sleep_until(closing.unwrap_or(live_until)), if closing.is_some() => {
+                counters.missing_acks.fetch_add(session.pending, Ordering::Relaxed);
+                let pending = session.pending;
+                log_error(
+                    &shared.logged,
+                    &format!("{user}: {pending} sends unacknowledged after {SOAK_CLOSE_WAIT:?}"),
+                );
+                break;
+            }
+            () = tokio::time::sleep_until(next_action), if closing.is_none() => {
+                next_action += rng.around(shared.act_every);
+                seq += 1;
+                out = session.act(rng, index, seq);
+            }
+            message = socket.next() => match message {
+                Some(Ok(Message::Text(text))) => out.extend(session.on_text(&text)),
+                Some(Ok(Message::Close(frame))) => {
+                    shared.server_closed(user, frame);
+                    return;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    shared.unexpected_close(user, format!("the socket broke: {error}"));
+                    return;
+                }
+                None => {
+                    shared.unexpected_close(user, "the socket ended without a close frame".into());
+                    return;
+                }
+            },
+        }
+        if !out.is_empty() {
+            let mut alive = true;
+            for frame in out {
+                alive = alive && socket.feed(Message::text(frame)).await.is_ok();
+            }
+            if !(alive && socket.flush().await.is_ok()) {
+                soak_broken(shared, user, socket).await;
+                return;
+            }
+        }
+    }
+    if clean {
+        if close_cleanly(socket).await {
+            bump(&counters.clean_closes);
+        } else {
+            shared.unexpected_close(
+                user,
+                format!("no answer to a close frame within {SOAK_CLOSE_WAIT:?}"),
+            );
+        }
+    } else {
+        // Dropping the socket closes the TCP connection without a close frame.
+        drop(socket);
+        bump(&counters.dropped_sockets);
+    }
+}
+
+/// One soak client: connects, lives a while, closes, reconnects, until told to stop.
+async fn soak_client(
+    shared: Arc<SoakShared>,
+    index: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let user = format!("soak-{index}");
+    let base = &shared.urls[index % shared.urls.len()];
+    let counters = &shared.counters;
+    let mut rng = Jitter::new(index as u64 + 1);
+    let mut last_ids = vec![None; shared.rooms];
+    let first = shared
+        .ramp
+        .mul_f64(index as f64 / shared.clients.max(1) as f64);
+    tokio::select! {
+        () = tokio::time::sleep(first) => {}
+        _ = stop.changed() => return,
+    }
+    loop {
+        let stopped = *stop.borrow();
+        if stopped {
+            return;
+        }
+        let opened = tokio::time::timeout(
+            Duration::from_secs(10),
+            open(base, &user, shared.read_buffer),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("{base}: no handshake within 10 s")));
+        match opened {
+            Ok(socket) => {
+                bump(&counters.connects);
+                bump(&counters.connected);
+                soak_session(
+                    &shared,
+                    index,
+                    &user,
+                    &mut rng,
+                    &mut last_ids,
+                    socket,
+                    &mut stop,
+                )
+                .await;
+                counters.connected.fetch_sub(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                bump(&counters.connect_failures);
+                log_error(&shared.logged, &format!("cannot connect: {error}"));
+                tokio::select! {
+                    () = tokio::time::sleep(rng.around(Duration::from_secs(1))) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+/// The server's memory and open files at one point of the soak.
+struct SoakSample {
+    label: &'static str,
+    at: Duration,
+    connected: u64,
+    /// Messages the quietest room had had.
+    quietest_room: u64,
+    rss_kib: Option<u64>,
+    fds: Option<u64>,
+}
+
+/// Open files of a process, from `/proc/PID/fd` (Linux).
+fn fd_count(pid: &str) -> Option<u64> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(entries.count() as u64)
+}
+
+/// Clients join, send, leave and reconnect for `--duration-secs` while the server's memory and
+/// open files are sampled.
+async fn soak(args: &Args, room: String) -> std::process::ExitCode {
+    if args.warmup_secs >= args.duration_secs {
+        eprintln!("loadgen: --warmup-secs must be below --duration-secs");
+        return std::process::ExitCode::FAILURE;
+    }
+    if args.rooms == 0 || args.soak_rate <= 0.0 || args.min_life_secs > args.max_life_secs {
+        eprintln!(
+            "loadgen: soak needs --rooms > 0, --soak-rate > 0 and --min-life-secs <= --max-life-secs"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    let clients = args.clients.max(1);
+    let per_client = args.soak_rate / clients as f64;
+    if per_client > 2.0 {
+        eprintln!(
+            "loadgen: each client would send {per_client:.1} messages/s (--soak-rate / --clients); the server's default rate limit is 10 frames/s"
+        );
+    }
+    let pid = args.server_pid.map(|pid| pid.to_string());
+    let start = tokio::time::Instant::now();
+    let probe = |label: &'static str, shared: Option<&SoakShared>| SoakSample {
+        label,
+        at: start.elapsed(),
+        connected: shared.map_or(0, |shared| count(&shared.counters.connected)),
+        quietest_room: shared.map_or(0, SoakShared::quietest_room),
+        rss_kib: pid.as_deref().and_then(rss_kib),
+        fds: pid.as_deref().and_then(fd_count),
+    };
+    let mut samples = vec![probe("start", None)];
+    match &pid {
+        Some(_) if samples[0].rss_kib.is_none() || samples[0].fds.is_none() => eprintln!(
+            "loadgen: cannot read the server's VmRSS or open files from /proc (--server-pid)"
+        ),
+        Some(_) => {}
+        None => eprintln!("loadgen: no --server-pid: no memory or open-file figures, no verdict"),
+    }
+    let cpu = CpuMeter::start(args.server_pid);
+    let duration = Duration::from_secs(args.duration_secs);
+    let warmup = Duration::from_secs(args.warmup_secs);
+    let shared = Arc::new(SoakShared {
+        urls: args.url.clone(),
+        room_prefix: format!("{room}-"),
+        rooms: args.rooms,
+        clients,
+        act_every: Duration::from_secs_f64(clients as f64 / args.soak_rate),
+        min_life: Duration::from_secs(args.min_life_secs),
+        max_life: Duration::from_secs(args.max_life_secs),
+        ramp: Duration::from_secs(10).min(warmup / 2),
+        read_buffer: args.read_buffer,
+        counters: SoakCounters::default(),
+        room_ids: (0..args.rooms).map(|_| AtomicU64::new(0)).collect(),
+        logged: AtomicU64::new(0),
+        first_unexpected: std::sync::Mutex::new(None),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| tokio::spawn(soak_client(Arc::clone(&shared), i, stop_rx.clone())))
+        .collect();
+    let every = Duration::from_secs(args.sample_secs.max(1));
+    let mut server_gone = false;
+    // Whether every room had had `--server-retention` messages by the end of the warm-up.
+    let mut store_full = None;
+    let mut at = warmup;
+    loop {
+        tokio::time::sleep_until(start + at).await;
+        let label = if at == warmup {
+            "after warm-up"
+        } else if at >= duration {
+            "end"
+        } else {
+            "running"
+        };
+        let sample = probe(label, Some(&shared));
+        if at == warmup {
+            match args.server_retention {
+                Some(retention) if sample.quietest_room < retention => {
+                    store_full = Some(false);
+                    eprintln!(
+                        "loadgen: after the warm-up the quietest room has had {} messages, fewer than the server keeps (--server-retention {retention}): its history still grows, by design, and that counts against the verdict; warm up longer (about --rooms x retention / --soak-rate s)",
+                        sample.quietest_room
+                    );
+                }
+                Some(_) => store_full = Some(true),
+                None => {}
+            }
+        }
+        let gone = pid.is_some() && sample.rss_kib.is_none();
+        let c = &shared.counters;
+        eprintln!(
+            "loadgen soak: {:>4.0} s {label}: {} connected, server RSS {} KiB, {} fds; {} connects, {} sent, {} acked, {} received, {} errors, {} unexpected closes; quietest room: {} messages",
+            sample.at.as_secs_f64(),
+            sample.connected,
+            sample.rss_kib.map_or("-".to_owned(), |kib| kib.to_string()),
+            sample.fds.map_or("-".to_owned(), |fds| fds.to_string()),
+            count(&c.connects),
+            count(&c.sent) + count(&c.directs_sent),
+            count(&c.acked),
+            count(&c.received) + count(&c.directs_received),
+            count(&c.server_errors) + count(&c.connect_failures),
+            count(&c.unexpected_closes),
+            sample.quietest_room,
+        );
+        samples.push(sample);
+        if gone {
+            eprintln!("loadgen: the server (--server-pid) has exited; stopping");
+            server_gone = true;
+            break;
+        }
+        if at >= duration {
+            break;
+        }
+        at = (at + every).min(duration);
+    }
+    let warm_at = 1.min(samples.len() - 1);
+    let end_at = samples.len() - 1;
+    let _ = stop_tx.send(true);
+    let mut panicked = 0u64;
+    for task in tasks {
+        if task.await.is_err() {
+            panicked += 1;
+        }
+    }
+    let closed_in = start.elapsed().saturating_sub(duration);
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+    samples.push(probe("after close", Some(&shared)));
+    let (server_cpu, own_cpu) = cpu.used();
+    let own_rss = rss_kib("self");
+
+    let c = &shared.counters;
+    let (rss_warm, rss_end) = (samples[warm_at].rss_kib, samples[end_at].rss_kib);
+    let growth = match (rss_warm, rss_end) {
+        (Some(warm), Some(end)) if warm > 0 => {
+            Some((end as f64 - warm as f64) * 100.0 / warm as f64)
+        }
+        _ => None,
+    };
+    let within = growth.map(|growth| growth <= 10.0);
+    let sent = count(&c.sent) + count(&c.directs_sent);
+    let per_second = sent as f64 / duration.as_secs_f64();
+    let first_unexpected = shared
+        .first_unexpected
+        .lock()
+        .ok()
+        .and_then(|first| first.clone());
+    let show = |value: Option<u64>| value.map_or("-".to_owned(), |value| value.to_string());
+    println!(
+        "loadgen soak: {clients} clients over {} server(s) for {} s (warm-up {} s), {} rooms, {} msg/s asked, connections living {}-{} s",
+        args.url.len(),
+        args.duration_secs,
+        args.warmup_secs,
+        args.rooms,
+        args.soak_rate,
+        args.min_life_secs,
+        args.max_life_secs,
+    );
+    println!("| point | at s | connected | messages in the quietest room | server RSS KiB | server open files |");
+    println!("|---|---|---|---|---|---|");
+    for sample in &samples {
+        println!(
+            "| {} | {:.0} | {} | {} | {} | {} |",
+            sample.label,
+            sample.at.as_secs_f64(),
+            sample.connected,
+            sample.quietest_room,
+            show(sample.rss_kib),
+            show(sample.fds),
+        );
+    }
+    println!();
+    println!("| connects | connect failures | sent (room + direct) | msg/s | acked | missing acks | received (room + direct) | joins | leaves | clean closes | dropped sockets | server closes 1000/1001 | unexpected closes | server errors | out of order | server CPU s | loadgen CPU s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} + {} | {per_second:.0} | {} | {} | {} + {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        count(&c.connects),
+        count(&c.connect_failures),
+        count(&c.sent),
+        count(&c.directs_sent),
+        count(&c.acked),
+        count(&c.missing_acks),
+        count(&c.received),
+        count(&c.directs_received),
+        count(&c.joins),
+        count(&c.leaves),
+        count(&c.clean_closes),
+        count(&c.dropped_sockets),
+        count(&c.server_closes),
+        count(&c.unexpected_closes),
+        count(&c.server_errors),
+        count(&c.out_of_order),
+        cell(server_cpu, 1),
+        cell(own_cpu, 1),
+    );
+    let verdict = match (within, growth) {
+        (Some(within), Some(growth)) => {
+            format!("{} ({growth:+.1}%)", if within { "yes" } else { "no" })
+        }
+        _ if pid.is_none() => "unknown (no --server-pid)".to_owned(),
+        _ => "unknown (the server's memory could not be read)".to_owned(),
+    };
+    println!("RSS at end within 10% of after warm-up: {verdict}");
+    let mut failures = Vec::new();
+    if server_gone {
+        failures.push("the server exited during the run".to_owned());
+    } else if pid.is_some() && within.is_none() {
+        failures.push("the server's memory could not be read".to_owned());
+    }
+    if within == Some(false) {
+        failures.push("RSS at end more than 10% above after warm-up".to_owned());
+    }
+    for (what, value) in [
+        ("unexpected closes", count(&c.unexpected_closes)),
+        ("server errors", count(&c.server_errors)),
+        ("connect failures", count(&c.connect_failures)),
+        ("missing acks", count(&c.missing_acks)),
+        ("ids out of order", count(&c.out_of_order)),
+        ("clients that panicked", panicked),
+    ] {
+        if value > 0 {
+            failures.push(format!("{value} {what}"));
+        }
+    }
+    if let Some(reason) = &first_unexpected {
+        eprintln!("loadgen: first unexpected close: {reason}");
+    }
+    let sample_json: Vec<_> = samples
+        .iter()
+        .map(|sample| {
+            serde_json::json!({
+                "point": sample.label, "at_s": sample.at.as_secs_f64(),
+                "connected": sample.connected, "quietest_room": sample.quietest_room,
+                "rss_kib": sample.rss_kib, "fds": sample.fds,
+            })
+        })
+        .collect();
+    let after_close = samples.len() - 1;
+    // In two parts: one `json!` of all of it goes past the macro recursion limit.
+    let mut report = serde_json::json!({
+        "mode": "soak",
+        "clients": clients, "servers": args.url.len(), "duration_s": args.duration_secs,
+        "warmup_s": args.warmup_secs, "rooms": args.rooms, "soak_rate": args.soak_rate,
+        "min_life_s": args.min_life_secs, "max_life_s": args.max_life_secs,
+        "connects": count(&c.connects), "connect_failures": count(&c.connect_failures),
+        "sent": count(&c.sent), "directs_sent": count(&c.directs_sent),
+        "messages_per_s": per_second, "acked": count(&c.acked),
+        "missing_acks": count(&c.missing_acks), "received": count(&c.received),
+        "directs_received": count(&c.directs_received), "joins": count(&c.joins),
+        "leaves": count(&c.leaves), "clean_closes": count(&c.clean_closes),
+        "dropped_sockets": count(&c.dropped_sockets),
+        "server_closes": count(&c.server_closes),
+        "unexpected_closes": count(&c.unexpected_closes),
+        "first_unexpected_close": first_unexpected,
+        "server_errors": count(&c.server_errors), "out_of_order": count(&c.out_of_order),
+        "panicked": panicked, "closed_in_s": closed_in.as_secs_f64(),
+        "server_gone": server_gone, "server_retention": args.server_retention,
+        "store_full_at_warmup": store_full,
+    });
+    let memory = serde_json::json!({
+        "server_rss_start_kib": samples[0].rss_kib, "server_rss_warm_kib": rss_warm,
+        "server_rss_end_kib": rss_end, "server_rss_after_close_kib": samples[after_close].rss_kib,
+        "server_fds_start": samples[0].fds, "server_fds_warm": samples[warm_at].fds,
+        "server_fds_end": samples[end_at].fds, "server_fds_after_close": samples[after_close].fds,
+        "rss_growth_pct": growth, "rss_within_10pct": within,
+        "server_cpu_s": server_cpu, "loadgen_cpu_s": own_cpu, "loadgen_rss_kib": own_rss,
+        "samples": sample_json, "failures": failures,
+    });
+    if let (Some(report), serde_json::Value::Object(memory)) = (report.as_object_mut(), memory) {
+        report.extend(memory);
+    }
+    println!("{report}");
+    if failures.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        eprintln!("loadgen soak: failed: {}", failures.join(", "));
+        std::process::ExitCode::FAILURE
     }
 }
