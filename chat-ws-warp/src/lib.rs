@@ -31,6 +31,15 @@
 //! Linux and the BSDs), as the example server does: `tokio::net::TcpSocket::set_nodelay(true)`
 //! before `listen`, then `warp::serve(app).incoming(listener)`.
 //!
+//! # Give hyper a deadline on request heads
+//!
+//! `warp::serve` gives hyper no timer, and without one hyper enforces no deadline on a request
+//! head: a client sending a byte a second holds a connection (and a descriptor) for as long as
+//! it likes. For a server open to the internet, serve the filter through hyper-util yourself,
+//! as `warp::serve` does inside, with `http1().timer(TokioTimer::new())` and a
+//! `header_read_timeout`: the example server (`examples/chat-server.rs`) does, in about thirty
+//! lines, and is tested against a slow head.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use chat_core::{auth::DevAuthenticator, Chat};
