@@ -431,7 +431,9 @@ pub enum ServerFrame {
         member_count: usize,
         /// Recent or resumed messages, oldest first.
         history: Vec<MessageView>,
-        /// Whether the resume cap cut `history`.
+        /// On a plain join: whether older messages exist (page with `history` `before`). On a
+        /// resuming join (`since`): whether the resume limit cut `history` (page with `history`
+        /// `after`; the room's live messages wait until the client reaches the end).
         more: bool,
     },
     /// Reply to `leave`.
@@ -482,6 +484,9 @@ pub enum ServerFrame {
         count: usize,
         /// Whether further users follow.
         more: bool,
+        /// The request's `ref` (an extension).
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
     },
     /// A large room's member count changed (protocol 1.1; at most once a second per room).
     #[serde(rename = "member_count")]
@@ -527,6 +532,10 @@ pub enum ServerFrame {
         messages: Vec<MessageView>,
         /// Whether more lie beyond in the direction asked.
         more: bool,
+        /// The request's `ref`, so a client with several requests out matches the reply (an
+        /// extension).
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
     },
     /// Reply to `inbox`.
     Inbox {

@@ -440,13 +440,13 @@ async fn history_pages_backwards_and_forwards() {
     assert_eq!(newest["room"], "lobby");
     assert_eq!(newest["messages"][0]["type"], "message");
 
+    assert!(newest.get("ref").is_none(), "no ref asked, none sent");
     alice
-        .send(json!({"type": "history", "room": "lobby", "before": 26, "limit": 5}))
+        .send(json!({"type": "history", "room": "lobby", "before": 26, "limit": 5, "ref": "h2"}))
         .await;
-    assert_eq!(
-        ids(&alice.recv_type("history").await),
-        vec![21, 22, 23, 24, 25]
-    );
+    let older = alice.recv_type("history").await;
+    assert_eq!(ids(&older), vec![21, 22, 23, 24, 25]);
+    assert_eq!(older["ref"], "h2");
     alice
         .send(json!({"type": "history", "room": "lobby", "before": 4, "limit": 5}))
         .await;
@@ -1302,12 +1302,13 @@ async fn rooms_of_any_size_page_their_members_and_count_instead_of_announcing() 
         alice.recv().await,
         json!({"type": "members", "room": "r", "users": ["alice", "bob"], "count": 7, "more": true})
     );
+    // A `ref` comes back on the reply, so several pages can be out at once.
     alice
-        .send(json!({"type": "members", "room": "r", "after": "bob", "limit": 50}))
+        .send(json!({"type": "members", "room": "r", "after": "bob", "limit": 50, "ref": "p2"}))
         .await;
     assert_eq!(
         alice.recv().await,
-        json!({"type": "members", "room": "r", "users": ["carol", "dave", "erin"], "count": 7, "more": true})
+        json!({"type": "members", "room": "r", "users": ["carol", "dave", "erin"], "count": 7, "more": true, "ref": "p2"})
     );
     alice
         .send(json!({"type": "members", "room": "r", "after": "erin"}))

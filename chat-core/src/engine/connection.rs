@@ -708,14 +708,15 @@ impl Connection {
                 Ok((frame, reference)) => {
                     // Boxed: a request's state (a join's history and member pages) lives on
                     // the heap while it runs, so an idle connection's task stays small.
-                    let handled = Box::pin(self.handle(frame)).await;
+                    let handled = Box::pin(self.handle(frame, reference.as_deref())).await;
                     self.respond(reference, handled)?;
                 }
             }
         }
     }
 
-    async fn handle(&self, frame: ClientFrame) -> Handled {
+    /// Runs one request; `reference` is its `ref`, which paged replies carry back.
+    async fn handle(&self, frame: ClientFrame, reference: Option<&str>) -> Handled {
         match frame {
             ClientFrame::Join { room, since } => self.join(room, since).await,
             ClientFrame::Leave { room } => self.leave(room).await,
@@ -736,10 +737,12 @@ impl Connection {
                 before,
                 after,
                 limit,
-            } => self.history(target, before, after, limit).await,
+            } => self.history(target, before, after, limit, reference).await,
             ClientFrame::Inbox => self.inbox().await,
             ClientFrame::Who { watch, after } => self.who(watch, after).await,
-            ClientFrame::Members { room, after, limit } => self.members(room, after, limit).await,
+            ClientFrame::Members { room, after, limit } => {
+                self.members(room, after, limit, reference).await
+            }
             ClientFrame::Ping => self.push(ServerFrame::Pong.encode()).map(Ok),
         }
     }
@@ -1098,6 +1101,7 @@ impl Connection {
         before: Option<u64>,
         after: Option<u64>,
         limit: Option<u64>,
+        reference: Option<&str>,
     ) -> Handled {
         let inner = &self.inner;
         let config = &inner.config;
@@ -1144,6 +1148,7 @@ impl Connection {
             with,
             messages,
             more,
+            reference: reference.map(str::to_owned),
         };
         let mut shared = lock(&self.shared);
         self.push(frame.encode())?;
@@ -1178,7 +1183,13 @@ impl Connection {
     }
 
     /// A page of a room's members (protocol 1.1).
-    async fn members(&self, room: String, after: Option<String>, limit: Option<u64>) -> Handled {
+    async fn members(
+        &self,
+        room: String,
+        after: Option<String>,
+        limit: Option<u64>,
+        reference: Option<&str>,
+    ) -> Handled {
         if let Err(refusal) = self.check_member(&room) {
             return Ok(Err(refusal));
         }
@@ -1199,6 +1210,7 @@ impl Connection {
             users: listing.users,
             count: listing.count,
             more: listing.more,
+            reference: reference.map(str::to_owned),
         };
         self.push(frame.encode()).map(Ok)
     }
