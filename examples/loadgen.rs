@@ -49,7 +49,10 @@
 //!   messages, so the warm-up must last that long (about `--rooms` x retention / `--soak-rate`
 //!   s; given `--server-retention`, the soak warns when it did not). It reports the samples,
 //!   connects, messages sent, acknowledged and received, server errors and closes, and the
-//!   verdict "RSS at end within 10% of after warm-up"; it fails on that verdict, on any server
+//!   verdict "RSS at end within 10% of after warm-up" (the highest sample of the run's last
+//!   minute against the highest of the minute after the warm-up: RSS moves in the allocator's
+//!   steps of a few MiB, which one sample against another would read as a trend); it fails on
+//!   that verdict, on any server
 //!   error, failed connect, missing ack or id out of order, on any close by the server other
 //!   than 1000/1001 (or a socket that broke without one), and if the server exits.
 //!
@@ -2047,7 +2050,24 @@ async fn soak(args: &Args, room: String) -> std::process::ExitCode {
     let own_rss = rss_kib("self");
 
     let c = &shared.counters;
-    let (rss_warm, rss_end) = (samples[warm_at].rss_kib, samples[end_at].rss_kib);
+    // RSS moves in the allocator's steps (mimalloc reserves and returns memory a few MiB at a
+    // time), so one sample against another reads a step as growth or shrinkage. The verdict
+    // compares the highest RSS of the minute after the warm-up with the highest of the run's
+    // last minute: a step shows in both, a leak only in the second.
+    let window = Duration::from_secs(60);
+    let peak = |from: Duration, to: Duration| {
+        samples[warm_at..=end_at]
+            .iter()
+            .filter(|s| s.at >= from && s.at <= to)
+            .filter_map(|s| s.rss_kib)
+            .max()
+    };
+    let warm = samples[warm_at].at;
+    let end = samples[end_at].at;
+    let (rss_warm, rss_end) = (
+        peak(warm, (warm + window).min(end)),
+        peak(end.saturating_sub(window).max(warm), end),
+    );
     let growth = match (rss_warm, rss_end) {
         (Some(warm), Some(end)) if warm > 0 => {
             Some((end as f64 - warm as f64) * 100.0 / warm as f64)
@@ -2117,7 +2137,9 @@ async fn soak(args: &Args, room: String) -> std::process::ExitCode {
         _ if pid.is_none() => "unknown (no --server-pid)".to_owned(),
         _ => "unknown (the server's memory could not be read)".to_owned(),
     };
-    println!("RSS at end within 10% of after warm-up: {verdict}");
+    println!(
+        "RSS at end within 10% of after warm-up (the highest sample of the last minute against the highest of the minute after the warm-up): {verdict}"
+    );
     let mut failures = Vec::new();
     if server_gone {
         failures.push("the server exited during the run".to_owned());

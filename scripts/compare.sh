@@ -153,19 +153,7 @@ stop_server() {
 }
 chat_on_exit stop_server
 
-# A port below the ephemeral range (so no client socket holds it) that nothing listens on.
-free_port() {
-    local port
-    for _ in $(seq 200); do
-        port=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-    echo "compare: no free port found" >&2
-    exit 1
-}
+. scripts/free-port.sh
 
 start_server() { # name log
     local name=$1 log=$2 port

@@ -18,6 +18,11 @@ use chat_core::{Chat, ChatConfig};
 use clap::{Parser, ValueEnum};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+/// Both servers allocate with mimalloc: glibc's malloc held on to memory freed under
+/// reconnect churn (see Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Which authentication the server runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum AuthMode {
