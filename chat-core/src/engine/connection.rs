@@ -187,6 +187,8 @@ impl std::hash::Hasher for RoomHasher {
 struct Refused {
     code: ErrorCode,
     message: String,
+    /// For `rate_limited`: when the client may send again.
+    retry_after_ms: Option<u64>,
 }
 
 impl Refused {
@@ -194,6 +196,7 @@ impl Refused {
         Self {
             code,
             message: message.into(),
+            retry_after_ms: None,
         }
     }
 }
@@ -574,9 +577,19 @@ impl Connection {
     fn respond(&self, reference: Option<String>, handled: Handled) -> Result<(), CloseReason> {
         match handled? {
             Ok(()) => Ok(()),
-            Err(Refused { code, message }) => {
+            Err(Refused {
+                code,
+                message,
+                retry_after_ms,
+            }) => {
                 self.inner.metrics.error(code);
-                self.push(ServerFrame::error(code, message, reference).encode())
+                let frame = ServerFrame::Error {
+                    code,
+                    message,
+                    reference,
+                    retry_after_ms,
+                };
+                self.push(frame.encode())
             }
         }
     }
@@ -686,17 +699,13 @@ impl Connection {
                     Err(error) => error.reference.clone(),
                 };
                 // With when to try again, so a client can retry by itself rather than guess.
-                let retry_after_ms = bucket
-                    .wait()
-                    .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
-                self.inner.metrics.error(ErrorCode::RateLimited);
-                let frame = ServerFrame::Error {
-                    code: ErrorCode::RateLimited,
-                    message: "slow down".into(),
-                    reference,
-                    retry_after_ms,
+                let refusal = Refused {
+                    retry_after_ms: bucket
+                        .wait()
+                        .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
+                    ..Refused::new(ErrorCode::RateLimited, "slow down")
                 };
-                self.push(frame.encode())?;
+                self.respond(reference, Ok(Err(refusal)))?;
                 continue;
             }
             strikes = 0;
