@@ -25,6 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/on-exit.sh
+. scripts/bench-lib.sh
 
 command_line="$0${*:+ $*}"
 overrides=
@@ -55,31 +56,10 @@ mkdir -p "$OUT"
 # Up to the hard limit: the server and loadgen each hold a descriptor per connection.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-# The server and the load generator on cores of their own, as scripts/compare.sh does.
-server_cpus=
-loadgen_cpus=
-cores=$(nproc)
-if [ "${PIN:-1}" != 0 ] && [ "$cores" -ge 2 ] && command -v taskset >/dev/null; then
-    half=$((cores / 2))
-    server_cpus="taskset -c 0-$((half - 1))"
-    loadgen_cpus="taskset -c $half-$((cores - 1))"
-fi
-
 echo "# Soak: $CLIENTS clients against $SERVER for $SECS s"
 echo
-echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-echo "- machine: $cores cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)"
-if commit=$(git rev-parse --short HEAD 2>/dev/null); then
-    git diff --quiet HEAD 2>/dev/null || commit+=" with uncommitted changes"
-    echo "- commit: $commit"
-fi
-echo "- command: \`${overrides}${command_line}\`"
-if [ -n "$server_cpus" ]; then
-    echo "- cores: the server on ${server_cpus#taskset -c }, the load generator on ${loadgen_cpus#taskset -c }"
-else
-    echo "- cores: shared by the server and the load generator"
-fi
-echo "- open-file limit: $(ulimit -n); load average at the start: $(cut -d' ' -f1-3 /proc/loadavg); raw output: $OUT"
+pin_cores
+run_facts
 echo
 
 echo "soak: building (release)..." >&2
@@ -104,7 +84,6 @@ stop_server() {
 }
 chat_on_exit stop_server
 
-. scripts/free-port.sh
 
 port=$(free_port)
 log=$OUT/server.log
