@@ -237,6 +237,20 @@ struct Opened {
     epoch: String,
 }
 
+/// A connection once it is set up: what its running phase borrows and its teardown consumes.
+/// Kept apart from the phases' futures so that the one that lives as long as the connection
+/// (running) holds references, not copies, and nothing the setup needed.
+struct Started {
+    connection: Connection,
+    subscription: Subscription,
+    lease_lost: tokio::sync::watch::Receiver<u64>,
+    guard: CleanupGuard,
+    /// The room to join first (`/ws/chat/{room}/`), taken by the running phase.
+    room: Option<String>,
+    /// Held until the connection is over: its place in the node's limits and gauge.
+    _slot: super::admission::Slot,
+}
+
 pub(super) async fn serve<I, O>(
     inner: Arc<Inner>,
     session: Session,
@@ -247,28 +261,41 @@ where
     I: Stream<Item = Inbound> + Send + Unpin,
     O: Sink<Outbound> + Send + Unpin,
 {
-    let Session { user, room, slot } = session;
-    // Held until the connection is over: its place in the node's limits and gauge.
-    let _slot = slot.unwrap_or_else(|| inner.admissions.take(&user, &inner.metrics));
-    inner.metrics.connections_opened.increment(1);
-    tracing::info!(user, ?room, "connection opened");
-    let opened = match open(&inner, &user).await {
-        Ok(opened) => opened,
-        Err(error) => {
-            tracing::error!(%error, user, "connection setup failed");
-            close(&mut outbound, CloseReason::Unavailable).await;
-            inner.metrics.closed(CloseReason::Unavailable);
-            return CloseReason::Unavailable;
+    // Setup and teardown are boxed: an idle connection's future is its running phase alone,
+    // with no room kept for the other two (an idle connection's memory is mostly this future).
+    let mut started = match Box::pin(start(&inner, session)).await {
+        Ok(started) => started,
+        Err(reason) => {
+            Box::pin(close(&mut outbound, reason)).await;
+            inner.metrics.closed(reason);
+            return reason;
         }
     };
+    let reason = run(&mut started, &mut inbound, &mut outbound).await;
+    Box::pin(finish(started, reason, &mut outbound)).await;
+    reason
+}
+
+/// Sets the connection up: its channel, its registration (it is online from here on) and its
+/// `welcome`, queued.
+async fn start(inner: &Arc<Inner>, session: Session) -> Result<Started, CloseReason> {
+    let Session { user, room, slot } = session;
+    let slot = slot.unwrap_or_else(|| inner.admissions.take(&user, &inner.metrics));
+    inner.metrics.connections_opened.increment(1);
+    tracing::info!(user, ?room, "connection opened");
     let Opened {
         subscription,
         direct_heads,
         epoch,
-    } = opened;
-    let out = Arc::new(Outgoing::new(inner.config.outbound_budget));
+    } = match open(inner, &user).await {
+        Ok(opened) => opened,
+        Err(error) => {
+            tracing::error!(%error, user, "connection setup failed");
+            return Err(CloseReason::Unavailable);
+        }
+    };
     let connection = Connection {
-        inner: Arc::clone(&inner),
+        inner: Arc::clone(inner),
         channel: subscription.name().to_owned(),
         user,
         shared: Arc::new(Mutex::new(Shared {
@@ -280,64 +307,100 @@ where
             repairs: BinaryHeap::new(),
             generations: 0,
         })),
-        out: Arc::clone(&out),
+        out: Arc::new(Outgoing::new(inner.config.outbound_budget)),
         repairs_changed: AtomicBool::new(false),
     };
     // Subscribed before registering, so a lease loss announced from here on reaches us.
     let lease_lost = inner.lease_lost.subscribe();
-    // If this future is dropped mid-way (the adapter's task aborted), the guard still takes the
-    // user out of the registry, so nobody stays "online" forever.
+    // If the connection's future is dropped mid-way (the adapter's task aborted), the guard
+    // still takes the user out of the registry, so nobody stays "online" forever.
     let mut guard = CleanupGuard {
         connection: Some(connection.cleanup_handle()),
     };
     if connection.register().await.is_err() {
         guard.finish().await;
-        close(&mut outbound, CloseReason::Unavailable).await;
-        inner.metrics.closed(CloseReason::Unavailable);
-        return CloseReason::Unavailable;
+        return Err(CloseReason::Unavailable);
     }
-
-    let reason = {
-        let welcome = ServerFrame::Welcome {
-            user: connection.user.clone(),
-            epoch,
-        };
-        let start = async {
-            connection.push(welcome.encode())?;
-            if let Some(room) = room {
-                // Boxed, as every request is: an idle connection's future keeps no room for it.
-                let joined = Box::pin(connection.join(room, None)).await;
-                connection.respond(None, joined)?;
-            }
-            connection.read_loop(&mut inbound, lease_lost).await
-        };
-        let either = |reason: Result<CloseReason, CloseReason>| reason.unwrap_or_else(|r| r);
-        // In this order on every wake-up, so the writer sees what the reader and the forwarder
-        // queued in the same pass: polled first, it would wait for them and be woken again,
-        // which sends the task to the back of the run queue, a whole round of every busy
-        // connection later, for each delivery.
-        tokio::select! {
-            biased;
-            reason = start => either(reason),
-            reason = connection.forward_loop(subscription) => either(reason),
-            reason = write_loop(&out, &mut outbound, &inner) => reason,
-        }
+    let welcome = ServerFrame::Welcome {
+        user: connection.user.clone(),
+        epoch,
     };
-    // The subscription is dropped by now, so the layer has already forgotten the channel.
+    if let Err(reason) = connection.push(welcome.encode()) {
+        guard.finish().await;
+        return Err(reason);
+    }
+    Ok(Started {
+        connection,
+        subscription,
+        lease_lost,
+        guard,
+        room,
+        _slot: slot,
+    })
+}
+
+/// The connection's life: reader, forwarder and writer, until one of them ends it.
+async fn run<I, O>(started: &mut Started, inbound: &mut I, outbound: &mut O) -> CloseReason
+where
+    I: Stream<Item = Inbound> + Send + Unpin,
+    O: Sink<Outbound> + Send + Unpin,
+{
+    let Started {
+        connection,
+        subscription,
+        lease_lost,
+        room,
+        ..
+    } = started;
+    let connection = &*connection;
+    let read = async {
+        if let Some(room) = room.take() {
+            // Boxed, as every request is: an idle connection's future keeps no room for it.
+            let joined = Box::pin(connection.join(room, None)).await;
+            connection.respond(None, joined)?;
+        }
+        connection.read_loop(inbound, lease_lost).await
+    };
+    let either = |reason: Result<CloseReason, CloseReason>| reason.unwrap_or_else(|r| r);
+    // In this order on every wake-up, so the writer sees what the reader and the forwarder
+    // queued in the same pass: polled first, it would wait for them and be woken again, which
+    // sends the task to the back of the run queue, a whole round of every busy connection
+    // later, for each delivery.
+    tokio::select! {
+        biased;
+        reason = read => either(reason),
+        reason = connection.forward_loop(subscription) => either(reason),
+        reason = write_loop(&connection.out, outbound, &connection.inner) => reason,
+    }
+}
+
+/// Takes the connection out of the registry and closes the socket with `reason`.
+async fn finish<O>(started: Started, reason: CloseReason, outbound: &mut O)
+where
+    O: Sink<Outbound> + Send + Unpin,
+{
+    let Started {
+        connection,
+        subscription,
+        mut guard,
+        ..
+    } = started;
+    // The layer forgets the channel before the registry forgets the connection.
+    drop(subscription);
     guard.finish().await;
     tracing::info!(user = connection.user, ?reason, "connection closed");
+    let out = &connection.out;
     if !matches!(
         reason,
         CloseReason::SlowConsumer | CloseReason::TransportError
     ) {
         // Frames already queued (the last error replies, say) go out before the close frame,
         // unless the client is the reason they could not.
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain(&out, &mut outbound)).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain(out, outbound)).await;
     }
     out.close();
-    close(&mut outbound, reason).await;
-    inner.metrics.closed(reason);
-    reason
+    close(outbound, reason).await;
+    connection.inner.metrics.closed(reason);
 }
 
 async fn drain<O: Sink<Outbound> + Unpin>(out: &Outgoing, outbound: &mut O) {
@@ -422,7 +485,8 @@ async fn write_loop<O: Sink<Outbound> + Unpin>(
             let first = futures::poll!(write.as_mut()).map(|result| result.is_ok());
             match first {
                 Poll::Ready(ok) => Ok(ok),
-                Poll::Pending => tokio::time::timeout(config.write_timeout, write)
+                // Boxed with its timer: an idle connection's future keeps no room for either.
+                Poll::Pending => Box::pin(tokio::time::timeout(config.write_timeout, write))
                     .await
                     .map(|result| result.is_ok()),
             }
@@ -621,7 +685,7 @@ impl Connection {
     async fn read_loop<I>(
         &self,
         inbound: &mut I,
-        mut lease_lost: tokio::sync::watch::Receiver<u64>,
+        lease_lost: &mut tokio::sync::watch::Receiver<u64>,
     ) -> Result<CloseReason, CloseReason>
     where
         I: Stream<Item = Inbound> + Unpin,
@@ -630,16 +694,17 @@ impl Connection {
         let mut bucket = TokenBucket::new(config.rate_per_second, config.rate_burst);
         let mut strikes = 0u32;
         let mut shutdown = self.inner.shutdown.subscribe();
-        let mut refresh = tokio::time::interval_at(
-            Instant::now() + config.membership_refresh,
-            config.membership_refresh,
-        );
         let mut last_heard = Instant::now();
         let idle_check = config
             .idle_timeout
             .min(config.ping_interval)
             .max(Duration::from_millis(10));
-        let mut idle = tokio::time::interval_at(Instant::now() + idle_check, idle_check);
+        // One timer for both periodic duties (refreshing this node's memberships, checking
+        // that the client is still heard from), set to whichever is due first: each timer is a
+        // heap allocation that every idle connection would keep.
+        let mut next_refresh = last_heard + config.membership_refresh;
+        let mut next_idle_check = last_heard + idle_check;
+        let mut timer = Box::pin(tokio::time::sleep_until(next_refresh.min(next_idle_check)));
         loop {
             if *shutdown.borrow_and_update() {
                 return Ok(CloseReason::Shutdown);
@@ -653,14 +718,19 @@ impl Connection {
                     }
                     continue;
                 }
-                _ = refresh.tick() => {
-                    Box::pin(self.refresh_memberships()).await;
-                    continue;
-                }
-                _ = idle.tick() => {
-                    if last_heard.elapsed() >= config.idle_timeout {
-                        return Ok(CloseReason::PeerTimeout);
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= next_idle_check {
+                        if now.duration_since(last_heard) >= config.idle_timeout {
+                            return Ok(CloseReason::PeerTimeout);
+                        }
+                        next_idle_check = now + idle_check;
                     }
+                    if now >= next_refresh {
+                        Box::pin(self.refresh_memberships()).await;
+                        next_refresh = now + config.membership_refresh;
+                    }
+                    timer.as_mut().reset(next_refresh.min(next_idle_check));
                     continue;
                 }
             };
@@ -1289,7 +1359,7 @@ impl Connection {
 
     async fn forward_loop(
         &self,
-        mut subscription: Subscription,
+        subscription: &mut Subscription,
     ) -> Result<CloseReason, CloseReason> {
         let mut interruptions = subscription.interruptions();
         let mut layer_missed = 0;
@@ -1300,7 +1370,8 @@ impl Connection {
                 .map(|Reverse((at, _))| *at);
             let repair_due = async {
                 match next_repair {
-                    Some(at) => tokio::time::sleep_until(at).await,
+                    // Boxed: repairs are rare, and an idle connection keeps no timer for them.
+                    Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
                     None => std::future::pending().await,
                 }
             };
