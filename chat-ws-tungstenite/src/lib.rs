@@ -300,7 +300,7 @@ where
         done: false,
     });
     // Boxed apart from this future: the engine's future is most of an idle connection's memory,
-    // and allocated on its own it fits the allocator's size class (2 KiB) with no slack, where
+    // and allocated on its own it fits the allocator's 2 KiB size class, where
     // the two together took the next one up (2.5 KiB).
     let reason = Box::pin(chat.serve(session, &mut frames, wire::WireSink(wire.clone()))).await;
     match reason.close_frame() {
