@@ -600,7 +600,7 @@ fn unavailable(error: impl std::fmt::Display) -> Refused {
     Refused::new(ErrorCode::Unavailable, "temporarily unavailable, retry")
 }
 
-fn text(bytes: &Bytes) -> Option<&str> {
+fn text(bytes: &[u8]) -> Option<&str> {
     std::str::from_utf8(bytes).ok()
 }
 
@@ -673,8 +673,8 @@ impl Connection {
 
     /// Whether a layer message names this user or this connection as one to skip.
     fn excluded(&self, received: &Received) -> bool {
-        received.exclude_user == self.user.as_bytes()
-            || received.exclude_connection == self.channel.as_bytes()
+        received.exclude_user() == self.user.as_bytes()
+            || received.exclude_connection() == self.channel.as_bytes()
     }
 
     fn sequencer_capacity(&self) -> usize {
@@ -1384,7 +1384,7 @@ impl Connection {
                     {
                         let mut shared = lock(&self.shared);
                         let now = Instant::now();
-                        if let Some(reason) = self.route(&mut shared, &message, now)? {
+                        if let Some(reason) = self.route(&mut shared, message, now)? {
                             return Ok(reason);
                         }
                         // Whatever else is queued, under the same lock and clock reading: under
@@ -1393,7 +1393,7 @@ impl Connection {
                             let Some(message) = subscription.try_recv() else {
                                 break;
                             };
-                            if let Some(reason) = self.route(&mut shared, &message, now)? {
+                            if let Some(reason) = self.route(&mut shared, message, now)? {
                                 return Ok(reason);
                             }
                         }
@@ -1426,7 +1426,7 @@ impl Connection {
     fn route(
         &self,
         shared: &mut Shared,
-        message: &Bytes,
+        message: Bytes,
         now: Instant,
     ) -> Result<Option<CloseReason>, CloseReason> {
         let Some(received) = envelope::unwrap(message) else {
@@ -1437,11 +1437,11 @@ impl Connection {
             Kind::Kick => return Ok(Some(CloseReason::Disconnected)),
             Kind::User => {
                 if !self.excluded(&received) {
-                    self.push(received.frame)?;
+                    self.push(received.into_frame())?;
                 }
             }
             Kind::Presence => {
-                let Some(user) = text(&received.second) else {
+                let Some(user) = text(received.second()) else {
                     return Ok(None);
                 };
                 let floor = shared.presence_floor;
@@ -1451,13 +1451,11 @@ impl Connection {
                         .inner
                         .admit_edge("", user, received.version, floor, now)
                 {
-                    self.push(received.frame)?;
+                    self.push(received.into_frame())?;
                 }
             }
             Kind::Room | Kind::Count => {
-                // A second handle on the shared bytes (no copy) to name the room by.
-                let first = received.first.clone();
-                let Some(room) = text(&first) else {
+                let Some(room) = text(received.first()) else {
                     return Ok(None);
                 };
                 // One lookup per delivery: this is the hot path of every room message.
@@ -1477,7 +1475,7 @@ impl Connection {
                             *overflowed = true;
                         }
                     }
-                    Some(entry) => self.deliver_to(entry, repairs, room, received, now)?,
+                    Some(entry) => self.deliver_to(entry, repairs, received, now)?,
                 }
             }
             Kind::Direct => self.deliver_direct(shared, received, now)?,
@@ -1496,7 +1494,7 @@ impl Connection {
     ) -> Result<(), CloseReason> {
         let Shared { rooms, repairs, .. } = shared;
         match rooms.get_mut(room) {
-            Some(entry) => self.deliver_to(entry, repairs, room, received, now),
+            Some(entry) => self.deliver_to(entry, repairs, received, now),
             None => Ok(()),
         }
     }
@@ -1506,7 +1504,6 @@ impl Connection {
         &self,
         entry: &mut Room,
         repairs: &mut BinaryHeap<Reverse<(Instant, Key)>>,
-        room: &str,
         received: Received,
         now: Instant,
     ) -> Result<(), CloseReason> {
@@ -1518,14 +1515,15 @@ impl Connection {
             }
             entry.count = usize::try_from(received.id).unwrap_or(usize::MAX);
             entry.count_version = received.version;
-            return self.push(received.frame);
+            return self.push(received.into_frame());
         }
         if received.id == 0 {
             if self.excluded(&received) {
                 return Ok(());
             }
             if received.version > 0 {
-                let Some(user) = text(&received.second) else {
+                let (Some(room), Some(user)) = (text(received.first()), text(received.second()))
+                else {
                     return Ok(());
                 };
                 let floor = entry.member_floor;
@@ -1536,16 +1534,18 @@ impl Connection {
                     return Ok(());
                 }
             }
-            return self.push(received.frame);
+            return self.push(received.into_frame());
         }
         match &mut entry.state {
             RoomState::Live(sequencer) => {
                 let opened =
-                    sequencer.offer(received.id, Some(received.frame), now, &mut |frame| {
+                    sequencer.offer(received.id, Some(received.frame()), now, &mut |frame| {
                         self.push(frame)
                     })?;
                 if opened {
-                    repairs.push(Reverse((now + grace, Key::Room(room.to_owned()))));
+                    if let Some(room) = text(received.first()) {
+                        repairs.push(Reverse((now + grace, Key::Room(room.to_owned()))));
+                    }
                 }
             }
             // The client pages to these through `history`.
@@ -1563,7 +1563,7 @@ impl Connection {
         received: Received,
         now: Instant,
     ) -> Result<(), CloseReason> {
-        let (Some(from), Some(to)) = (text(&received.first), text(&received.second)) else {
+        let (Some(from), Some(to)) = (text(received.first()), text(received.second())) else {
             return Ok(());
         };
         let partner = if from == self.user {
@@ -1573,10 +1573,10 @@ impl Connection {
         } else {
             return Ok(());
         };
-        let frame = if received.exclude_connection == self.channel.as_bytes() {
+        let frame = if received.exclude_connection() == self.channel.as_bytes() {
             None
         } else {
-            Some(received.frame.clone())
+            Some(received.frame())
         };
         let capacity = self.sequencer_capacity();
         let grace = self.inner.config.gap_grace;
