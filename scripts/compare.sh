@@ -25,7 +25,7 @@
 #
 # Environment overrides (defaults: full size; COMPARE_QUICK=1 gives the smaller values in brackets):
 #   CLIENTS=1000 [200]  SENDERS=100 [20]
-#   RATES="100 200 300 400 500 750 1000 1250 1500 1750 2000 3000 4000" [250 500 1000 2000 4000] (on 2
+#   RATES="100 200 300 400 500 750 1000 1250 1500 1750 2000 2250 2500 2750 3000 3500 4000" [250 500 1000 2000 4000] (on 2
 #       cores the load generator shares the CPU with the server: near 1.5M deliveries/s, i.e.
 #       1,500 msg/s to 1,000 clients, the pair of them saturates the machine)
 #   STEP_SECS=5 [2] (sending time of each sustained step and of the latency runs)
@@ -70,7 +70,7 @@ if [ "${COMPARE_QUICK:-0}" != 0 ]; then
 fi
 CLIENTS=${CLIENTS:-1000}
 SENDERS=${SENDERS:-100}
-RATES=${RATES:-100 200 300 400 500 750 1000 1250 1500 1750 2000 3000 4000}
+RATES=${RATES:-100 200 300 400 500 750 1000 1250 1500 1750 2000 2250 2500 2750 3000 3500 4000}
 STEP_SECS=${STEP_SECS:-5}
 SUSTAIN_P99_MS=${SUSTAIN_P99_MS:-500}
 DRAIN_SECS=${DRAIN_SECS:-30}
