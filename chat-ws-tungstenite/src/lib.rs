@@ -276,8 +276,10 @@ pub fn websocket_config(chat: &Chat) -> WebSocketConfig {
 /// the request head (the first frames of a hasty client), usually none.
 ///
 /// tungstenite reads the client's frames (with [`websocket_config`]); the engine's frames are
-/// written by this crate, a header beside the engine's shared `Bytes` in one vectored write per
-/// batch: no copy per recipient, and no buffer kept once a burst is written.
+/// written by this crate: a batch of small frames gathered with their headers into one scratch
+/// buffer per worker thread and written at once, a large frame as slices of the engine's shared
+/// `Bytes`. Nothing is serialized per recipient, and no buffer stays with the socket once a
+/// burst is written.
 pub async fn serve_io<S>(chat: &Chat, session: Session, io: S, read_ahead: Vec<u8>) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
