@@ -16,6 +16,28 @@ free_port() {
     exit 1
 }
 
+# `wait_listening NAME PID PORT LOG` waits up to 10 s for server NAME (process PID, its stderr in
+# LOG) to accept connections on 127.0.0.1:PORT; if it exits first or never listens, says so with
+# the end of its log and fails.
+wait_listening() {
+    local name=$1 pid=$2 port=$3 log=$4 me
+    me=$(basename "$0" .sh)
+    for _ in $(seq 100); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "$me: $name did not start (it exited); its log ($log):" >&2
+            tail -20 "$log" >&2
+            return 1
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "$me: $name did not start listening on 127.0.0.1:$port within 10 s; its log ($log):" >&2
+    tail -20 "$log" >&2
+    return 1
+}
+
 # `pin_cores` sets `server_cpus` and `loadgen_cpus` to taskset prefixes that put the server on the
 # first half of the cores and the load generator on the other (PIN=0, one core or no taskset:
 # empty, anywhere). Sharing cores, each run's figures moved with how the scheduler split them.

@@ -155,22 +155,8 @@ start_server() { # name log
         ;;
     esac
     server_pid=$!
-    for _ in $(seq 100); do
-        if ! kill -0 "$server_pid" 2>/dev/null; then
-            echo "compare: $name did not start (it exited); its log ($log):" >&2
-            tail -20 "$log" >&2
-            server_pid=
-            exit 1
-        fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            server_url="ws://127.0.0.1:$port"
-            return
-        fi
-        sleep 0.1
-    done
-    echo "compare: $name did not start listening on 127.0.0.1:$port within 10 s; its log ($log):" >&2
-    tail -20 "$log" >&2
-    exit 1
+    wait_listening "$name" "$server_pid" "$port" "$log" || exit 1
+    server_url="ws://127.0.0.1:$port"
 }
 
 declare -A result

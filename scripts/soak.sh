@@ -91,23 +91,7 @@ log=$OUT/server.log
 RUST_LOG=${RUST_LOG:-warn} $server_cpus "$bin/$SERVER" --addr "127.0.0.1:$port" --store memory \
     --retention "$RETENTION" ${SOAK_SERVER_FLAGS:-} 2>"$log" &
 server_pid=$!
-for _ in $(seq 100); do
-    if ! kill -0 "$server_pid" 2>/dev/null; then
-        echo "soak: $SERVER did not start (it exited); its log ($log):" >&2
-        tail -20 "$log" >&2
-        server_pid=
-        exit 1
-    fi
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        break
-    fi
-    sleep 0.1
-done
-if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "soak: $SERVER did not start listening on 127.0.0.1:$port within 10 s; its log ($log):" >&2
-    tail -20 "$log" >&2
-    exit 1
-fi
+wait_listening "$SERVER" "$server_pid" "$port" "$log" || exit 1
 # The probes above were connections too: let the server forget them before the first sample.
 sleep 1
 
